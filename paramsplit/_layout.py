@@ -1,0 +1,194 @@
+"""Region planning: how a parameter's elements are laid out in its sub-parameters.
+
+A split parameter of shape ``S`` becomes one sub-parameter ("part") per region. All parts are views
+into one fresh storage (the *base*), so assembling the original tensor costs little:
+
+* ``rows`` / ``cols``: the base has the original shape and layout; part ``i`` is
+  ``base.narrow(dim, start_i, stop_i - start_i)``. The assembled tensor is the base itself: no copy.
+* ``mask``: the base is 1-D with the elements sorted by region; part ``i`` is a contiguous slice of
+  it. Assembly gathers the base into a fresh tensor of shape ``S`` (``index_select`` with ``inv``);
+  the gradient is gathered back with ``perm``.
+
+When the parts stop sharing one storage (an optimizer or wrapper replaced their data) or under
+``torch.compile``, assembly falls back to plain differentiable ops (``torch.cat`` and
+``index_select``) into a fresh tensor, which is always correct. Both routes give exactly the
+original values in a fresh, contiguous tensor at offset 0, so every kernel reading it computes
+bitwise what it computed on the original parameter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ._spec import _Region, _Target
+
+
+@dataclass(eq=False)
+class _Layout:
+    """Immutable description of one split parameter; shared by all modules that own it."""
+
+    kind: str  # "whole", "rows", "cols" or "mask"
+    shape: tuple[int, ...]
+    regions: list[_Region]
+    requires_grad: bool
+    dim: int = 0
+    bounds: list[tuple[int, int]] | None = None
+    perm_cpu: Tensor | None = None  # kept only for meta parameters, to rebuild indices later
+
+    @property
+    def split(self) -> bool:
+        return self.kind != "whole"
+
+    @property
+    def sizes(self) -> list[int]:
+        return [r.numel for r in self.regions]
+
+    # -- building ---------------------------------------------------------------------------
+
+    def views(self, base: Tensor) -> list[Tensor]:
+        """The parts as views into ``base``."""
+        if self.kind == "mask":
+            return list(base.split(self.sizes))
+        assert self.bounds is not None
+        return [base.narrow(self.dim, a, b - a) for a, b in self.bounds]
+
+    def base_from(self, full: Tensor, perm: Tensor | None) -> Tensor:
+        """A fresh base holding the values of the (unsplit) tensor ``full``."""
+        full = full.detach()
+        if self.kind == "mask":
+            assert perm is not None
+            return full.reshape(-1).index_select(0, perm.to(full.device))
+        return full.clone(memory_format=torch.contiguous_format)
+
+    def linked(self, parts: tuple[Tensor, ...]) -> bool:
+        """Whether ``parts`` are still the views :meth:`views` made of one base."""
+        first = parts[0]
+        if first.storage_offset() != 0:
+            return False
+        ptr = first.untyped_storage().data_ptr()
+        if self.kind == "mask":
+            at = 0
+            for p, n in zip(parts, self.sizes):
+                if (p.untyped_storage().data_ptr() != ptr or p.storage_offset() != at
+                        or p.dim() != 1 or (n > 1 and p.stride(0) != 1)):
+                    return False
+                at += n
+            return True
+        assert self.bounds is not None
+        strides = _contiguous_strides(self.shape)
+        for p, (a, _) in zip(parts, self.bounds):
+            if (p.untyped_storage().data_ptr() != ptr or p.stride() != strides
+                    or p.storage_offset() != a * strides[self.dim]):
+                return False
+        return True
+
+    # -- assembling ---------------------------------------------------------------------------
+
+    def assemble(self, *tensors: Tensor) -> Tensor:
+        """The original tensor, from ``(perm, inv, *parts)`` (mask) or ``(*parts)``."""
+        if self.kind == "mask":
+            perm, inv, parts = tensors[0], tensors[1], tensors[2:]
+        else:
+            perm = inv = None
+            parts = tensors
+        if not torch.compiler.is_compiling() and self.linked(parts):
+            out = _AliasAssemble.apply(self, perm, inv, *parts)
+        elif self.kind == "mask":
+            assert inv is not None
+            flat = torch.cat([p.reshape(-1) for p in parts])
+            out = flat.index_select(0, inv).view(self.shape)
+        else:
+            out = torch.cat(parts, self.dim)
+        if self.requires_grad and not out.requires_grad:
+            # Kernels (e.g. MultiheadAttention's) pick their path by requires_grad, even under
+            # no_grad: the assembled tensor must look like the parameter it stands for.
+            out.requires_grad_()
+        return out
+
+    def relink(self, parts: list[nn.Parameter], perm: Tensor | None) -> None:
+        """Make ``parts`` views of one fresh base again (after ``module.to()`` and friends)."""
+        if self.linked(tuple(parts)):
+            return
+        with torch.no_grad():
+            if self.kind == "mask":
+                base = torch.cat([p.reshape(-1) for p in parts])
+            else:
+                base = torch.cat(list(parts), self.dim)
+        for p, view in zip(parts, self.views(base)):
+            p.data = view
+
+
+class _AliasAssemble(torch.autograd.Function):
+    """Assembly from linked parts: an alias of the base (rows/cols) or one gather (mask)."""
+
+    @staticmethod
+    def forward(ctx, layout: _Layout, perm: Tensor | None, inv: Tensor | None,  # type: ignore[override]
+                *parts: Tensor) -> Tensor:
+        ctx.layout = layout
+        first = parts[0]
+        if layout.kind == "mask":
+            assert perm is not None and inv is not None
+            ctx.save_for_backward(perm)
+            base = first.as_strided((sum(layout.sizes),), (1,), 0)
+            return base.index_select(0, inv).view(layout.shape)
+        return first.as_strided(layout.shape, _contiguous_strides(layout.shape), 0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        layout: _Layout = ctx.layout
+        if layout.kind == "mask":
+            (perm,) = ctx.saved_tensors
+            grads = grad.reshape(-1).index_select(0, perm).split(layout.sizes)
+        else:
+            assert layout.bounds is not None
+            grads = [grad.narrow(layout.dim, a, b - a) for a, b in layout.bounds]
+        return (None, None, None, *grads)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    acc = 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _indices(region_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``perm`` (base position -> flat position) and its inverse, int32 where that fits."""
+    n = region_ids.numel()
+    perm = torch.argsort(region_ids, stable=True)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(n)
+    dtype = torch.int32 if n < 2**31 else torch.long
+    return perm.to(dtype), inv.to(dtype)
+
+
+def _plan(target: _Target) -> tuple[_Layout, list[nn.Parameter], dict[str, Tensor]]:
+    """The layout of ``target``'s parameter, its parts and its index tensors (mask only).
+
+    The parts hold a copy of the parameter's values; the parameter itself is not changed.
+    """
+    param = target.param
+    layout = _Layout(target.kind, tuple(param.shape), target.regions, param.requires_grad,
+                     target.dim, target.bounds)
+    if not layout.split:
+        return layout, [], {}
+    buffers: dict[str, Tensor] = {}
+    perm = None
+    if layout.kind == "mask":
+        assert target.region_ids is not None
+        perm, inv = _indices(target.region_ids)
+        if param.device.type == "meta":
+            layout.perm_cpu = perm
+        buffers = {"perm": perm.to(param.device), "inv": inv.to(param.device)}
+        perm = buffers["perm"]
+    base = layout.base_from(param, perm)
+    parts = [
+        nn.Parameter(view, requires_grad=param.requires_grad and region.options is not None)
+        for view, region in zip(layout.views(base), layout.regions)
+    ]
+    return layout, parts, buffers

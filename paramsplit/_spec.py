@@ -1,0 +1,355 @@
+"""Spec parsing: which parameters a spec names, and what it asks for each.
+
+A spec maps names (parameter names, module names meaning that module's ``.weight``, or shell
+wildcards over both) to plans; or it is a callable ``(name, param) -> plan | None``. This module
+turns it into one :class:`_Target` per parameter, validating everything before the model is
+touched. Every error names the spec key it comes from.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+__all__ = ["FROZEN", "Regions", "Blocks", "rows", "cols", "SpecError"]
+
+
+class SpecError(ValueError, TypeError):
+    """A spec that cannot be applied. Subclasses both ``ValueError`` and ``TypeError``.
+
+    The message starts with the offending key, e.g. ``spec['fc.weight']: ...``.
+    """
+
+
+class _Frozen:
+    """Marker for regions that must not train (no gradient, no optimizer state)."""
+
+    _instance: _Frozen | None = None
+
+    def __new__(cls) -> _Frozen:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "paramsplit.FROZEN"
+
+    def __reduce__(self) -> str:
+        return "FROZEN"
+
+
+#: Use in place of an options dict to freeze a region: its elements never change.
+FROZEN = _Frozen()
+
+Options = Mapping[str, Any]
+RegionOptions = Union[Options, _Frozen]
+
+
+@dataclass(frozen=True)
+class Regions:
+    """Regions of a parameter given by an integer or boolean mask of the parameter's shape.
+
+    Elements with the same mask value form one region; ``options`` maps each value present in the
+    mask to optimizer options (or :data:`FROZEN`).
+
+    Example::
+
+        >>> mask = torch.zeros(4, 3, dtype=torch.long); mask[:, 0] = 1
+        >>> plan = paramsplit.Regions(mask, {0: {"weight_decay": 0.0}, 1: {"weight_decay": 0.1}})
+    """
+
+    mask: torch.Tensor
+    options: Mapping[Any, RegionOptions]
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Contiguous blocks along one dimension; built by :func:`rows` and :func:`cols`."""
+
+    dim: int
+    blocks: Mapping[tuple[int, int | None], RegionOptions]
+
+
+def rows(blocks: Mapping[tuple[int, int | None], RegionOptions]) -> Blocks:
+    """Blocks of dim 0, keyed by ``(start, stop)``; ``stop=None`` means to the end.
+
+    Rows no block covers keep the optimizer's defaults.
+
+    Example::
+
+        >>> plan = paramsplit.rows({(0, 50257): paramsplit.FROZEN})  # train only added tokens
+    """
+    return Blocks(0, dict(blocks))
+
+
+def cols(blocks: Mapping[tuple[int, int | None], RegionOptions]) -> Blocks:
+    """Blocks of dim 1 (input features of a ``Linear``), keyed like :func:`rows`.
+
+    Example::
+
+        >>> plan = paramsplit.cols({(0, 5): {"weight_decay": 0.01}, (5, None): {"weight_decay": 0.1}})
+    """
+    return Blocks(1, dict(blocks))
+
+
+Plan = Union[torch.Tensor, Regions, Blocks, Options, _Frozen]
+Spec = Union[Mapping[str, Plan], Callable[[str, nn.Parameter], Union[Plan, None]]]
+
+
+@dataclass
+class _Region:
+    """One region of a parameter: its options (``None`` when frozen) and a readable label."""
+
+    label: str
+    options: dict[str, Any] | None
+    numel: int
+
+
+@dataclass
+class _Target:
+    """A validated plan for one parameter.
+
+    ``kind`` is ``"whole"`` (no split), ``"rows"``/``"cols"`` (``bounds`` are the blocks along
+    ``dim``) or ``"mask"`` (``region_ids`` holds each element's region index, flattened).
+    """
+
+    key: str
+    name: str
+    param: nn.Parameter
+    kind: str
+    regions: list[_Region]
+    dim: int = 0
+    bounds: list[tuple[int, int]] | None = None
+    region_ids: torch.Tensor | None = None
+
+
+def _fail(key: str, message: str) -> SpecError:
+    return SpecError(f"spec[{key!r}]: {message}")
+
+
+def _options(key: str, value: Any, where: str) -> dict[str, Any] | None:
+    """Validate one region's options; ``None`` means frozen."""
+    if value is FROZEN:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail(key, f"{where}: expected a dict of optimizer options or paramsplit.FROZEN, "
+                         f"got {type(value).__name__}")
+    out = dict(value)
+    for name, v in out.items():
+        if not isinstance(name, str):
+            raise _fail(key, f"{where}: option names must be strings, got {name!r}")
+        if name == "params":
+            raise _fail(key, f"{where}: 'params' is set by paramsplit, not by the spec")
+        if name in ("lr", "weight_decay"):
+            if isinstance(v, torch.Tensor):
+                v = v.item()
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise _fail(key, f"{where}: {name} must be a number, got {v!r}")
+            if math.isnan(v) or v < 0:
+                raise _fail(key, f"{where}: {name} must be a non-negative number, got {v!r}")
+    return out
+
+
+def _options_key(options: dict[str, Any] | None) -> tuple[tuple[str, str], ...] | None:
+    """A hashable key: regions with equal keys share a sub-parameter and an optimizer group."""
+    if options is None:
+        return None
+    return tuple(sorted((k, repr(v)) for k, v in options.items()))
+
+
+def _options_label(options: dict[str, Any] | None) -> str:
+    if options is None:
+        return "FROZEN"
+    if not options:
+        return "defaults"
+    return ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+
+
+def _mask_target(key: str, name: str, param: nn.Parameter, ids: torch.Tensor,
+                 options: list[dict[str, Any] | None], labels: list[str]) -> _Target:
+    """Merge regions with equal options, drop empty ones, and build a mask target."""
+    merged: dict[Any, int] = {}
+    remap = []
+    regions: list[_Region] = []
+    for opts, label in zip(options, labels):
+        k = _options_key(opts)
+        if k not in merged:
+            merged[k] = len(regions)
+            regions.append(_Region(label, opts, 0))
+        else:
+            regions[merged[k]].label += f" + {label}"
+        remap.append(merged[k])
+    flat = torch.tensor(remap, dtype=torch.long)[ids.reshape(-1).long()]
+    counts = torch.bincount(flat, minlength=len(regions)).tolist()
+    for r, c in zip(regions, counts):
+        r.numel = c
+    keep = [i for i, c in enumerate(counts) if c > 0]
+    if len(keep) < len(regions):
+        new_index = torch.full((len(regions),), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(len(keep))
+        flat = new_index[flat]
+        regions = [regions[i] for i in keep]
+    if len(regions) == 1:
+        return _Target(key, name, param, "whole", regions)
+    return _Target(key, name, param, "mask", regions, region_ids=flat)
+
+
+def _check_mask(key: str, param: nn.Parameter, mask: Any, what: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise _fail(key, f"{what} must be a torch.Tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(param.shape):
+        raise _fail(key, f"{what} has shape {tuple(mask.shape)}, but the parameter has shape "
+                         f"{tuple(param.shape)}")
+    if mask.device.type == "meta":
+        raise _fail(key, f"{what} is on the meta device; masks need values")
+    return mask.detach().cpu()
+
+
+def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any) -> _Target:
+    """Validate ``plan`` for ``param`` and describe its regions."""
+    numel = param.numel()
+    if plan is FROZEN or isinstance(plan, Mapping):
+        opts = _options(key, plan, "options")
+        return _Target(key, name, param, "whole", [_Region("all", opts, numel)])
+
+    if isinstance(plan, Regions):
+        mask = _check_mask(key, param, plan.mask, "Regions mask")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise _fail(key, f"Regions mask must be an integer or bool tensor, got {mask.dtype}")
+        if not isinstance(plan.options, Mapping):
+            raise _fail(key, "Regions options must be a dict {region_id: options}")
+        uniq, ids = torch.unique(mask.reshape(-1), return_inverse=True)
+        values = uniq.tolist()
+        missing = [v for v in values if v not in plan.options]
+        if missing:
+            raise _fail(key, f"region ids {missing} appear in the mask but have no options")
+        opts = [_options(key, plan.options[v], f"region {v!r}") for v in values]
+        return _mask_target(key, name, param, ids, opts, [f"region {v!r}" for v in values])
+
+    if isinstance(plan, Blocks):
+        return _blocks_target(key, name, param, plan)
+
+    if isinstance(plan, torch.Tensor):
+        wd = _check_mask(key, param, plan, "weight-decay tensor")
+        if not wd.dtype.is_floating_point:
+            raise _fail(key, f"a tensor plan holds per-element weight_decay and must be floating, "
+                             f"got {wd.dtype} (use paramsplit.Regions for integer masks)")
+        if torch.isnan(wd).any():
+            raise _fail(key, "weight-decay tensor contains NaN")
+        if (wd < 0).any():
+            raise _fail(key, "weight-decay tensor contains negative values")
+        values, ids = torch.unique(wd.reshape(-1), return_inverse=True)
+        opts = [{"weight_decay": float(v)} for v in values.tolist()]
+        return _mask_target(key, name, param, ids, opts,
+                            [f"weight_decay={float(v)}" for v in values.tolist()])
+
+    raise _fail(key, f"unsupported plan of type {type(plan).__name__}; expected a weight-decay "
+                     f"tensor, paramsplit.Regions, paramsplit.rows/cols, an options dict or "
+                     f"paramsplit.FROZEN")
+
+
+def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks) -> _Target:
+    which = "rows" if plan.dim == 0 else "cols"
+    if param.dim() <= plan.dim:
+        raise _fail(key, f"{which} needs a parameter with at least {plan.dim + 1} dims, "
+                         f"got shape {tuple(param.shape)}")
+    size = param.shape[plan.dim]
+    spans: list[tuple[int, int, dict[str, Any] | None]] = []
+    for span, value in plan.blocks.items():
+        if (not isinstance(span, tuple) or len(span) != 2 or not isinstance(span[0], int)
+                or not (span[1] is None or isinstance(span[1], int))):
+            raise _fail(key, f"{which} keys must be (start, stop) tuples of ints, got {span!r}")
+        start, stop = span[0], size if span[1] is None else span[1]
+        if not 0 <= start < stop <= size:
+            raise _fail(key, f"{which} block {span!r} is out of range or empty for size {size}")
+        spans.append((start, stop, _options(key, value, f"{which} block {span!r}")))
+    spans.sort(key=lambda s: s[0])
+    for (a0, a1, _), (b0, b1, _) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise _fail(key, f"{which} blocks ({a0}, {a1}) and ({b0}, {b1}) overlap")
+    full: list[tuple[int, int, dict[str, Any] | None]] = []
+    at = 0
+    for start, stop, opts in spans + [(size, size, {})]:
+        if at < start:
+            full.append((at, start, {}))
+        if start < stop:
+            full.append((start, stop, opts))
+        at = stop
+    per_slice = param.numel() // size if size else 0
+    regions = [_Region(f"{which} {a}:{b}", o, (b - a) * per_slice) for a, b, o in full]
+    if len(full) == 1:
+        return _Target(key, name, param, "whole", regions)
+    return _Target(key, name, param, which, regions, dim=plan.dim,
+                   bounds=[(a, b) for a, b, _ in full])
+
+
+def _module_weight(module: nn.Module) -> tuple[str, nn.Parameter] | None:
+    """The parameter a module name stands for: its ``weight`` (also when parametrized)."""
+    param = module._parameters.get("weight")
+    if isinstance(param, nn.Parameter):
+        return "weight", param
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None and "weight" in plist:
+        return "parametrizations.weight.original", plist["weight"].original
+    return None
+
+
+def _resolve(model: nn.Module, spec: Spec) -> list[_Target]:
+    """One validated target per parameter the spec names, in model order."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    canonical: dict[int, str] = {}
+    for name, p in named:
+        canonical.setdefault(id(p), name)
+    by_name = dict(named)
+
+    if callable(spec) and not isinstance(spec, Mapping):
+        targets = []
+        for name, p in model.named_parameters():
+            plan = spec(name, p)
+            if plan is not None:
+                targets.append(_plan_target(name, name, p, plan))
+        return targets
+    if not isinstance(spec, Mapping):
+        raise SpecError(f"spec must be a dict or a callable (name, param) -> plan, "
+                        f"got {type(spec).__name__}")
+
+    candidates: dict[str, nn.Parameter] = dict(by_name)
+    for mname, module in model.named_modules(remove_duplicate=False):
+        found = _module_weight(module)
+        if mname and found is not None:
+            candidates.setdefault(mname, found[1])
+
+    chosen: dict[int, tuple[str, Any]] = {}
+    for key, plan in spec.items():
+        if not isinstance(key, str):
+            raise SpecError(f"spec keys must be strings, got {key!r}")
+        if key in candidates:
+            params = [candidates[key]]
+        elif any(c in key for c in "*?["):
+            params = [p for n, p in candidates.items() if fnmatch.fnmatchcase(n, key)]
+            if not params:
+                raise _fail(key, "this pattern matches no parameter or module")
+        else:
+            close = difflib.get_close_matches(key, list(candidates), n=3)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise _fail(key, f"no parameter or module with this name{hint}")
+        for p in dict.fromkeys(params):  # dedupe by identity, keep order
+            if id(p) in chosen:
+                other = chosen[id(p)][0]
+                raise _fail(key, f"names parameter {canonical[id(p)]!r}, which spec[{other!r}] "
+                                 f"already names")
+            chosen[id(p)] = (key, plan)
+
+    targets = []
+    for name, p in model.named_parameters():
+        if id(p) in chosen:
+            key, plan = chosen[id(p)]
+            targets.append(_plan_target(key, name, p, plan))
+    return targets

@@ -1,0 +1,100 @@
+"""The entry point: ``split(model, spec)``, and ``describe`` to show what it did."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+from ._groups import _param_groups
+from ._layout import _Layout, _plan
+from ._rewrite import _STATE, _rewrite
+from ._spec import Spec, _options_label, _resolve
+
+
+def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Split parameters of ``model`` into regions with their own optimizer options.
+
+    Returns a new model that computes bitwise what ``model`` computes, and param groups for any
+    ``torch.optim`` optimizer. ``model`` itself is not changed. The new model shares every
+    parameter and buffer that is not split with ``model``; each split parameter is copied into
+    its parts (see the README's "Memory" section).
+
+    ``spec`` maps parameter names, module names (meaning the module's ``weight``) or shell
+    wildcards over both to a plan: a floating tensor of per-element ``weight_decay``,
+    :class:`Regions`, :func:`rows`, :func:`cols`, a dict of options, or :data:`FROZEN`. It may
+    also be a callable ``(name, param) -> plan | None``. A bad spec raises :class:`SpecError`
+    naming its key, before anything is done.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(10, 1))
+        >>> split_model, groups = paramsplit.split(
+        ...     model, {"0": paramsplit.cols({(0, 5): {"weight_decay": 0.01},
+        ...                                   (5, None): {"weight_decay": 0.1}})})
+        >>> opt = torch.optim.AdamW(groups, lr=1e-3)
+    """
+    targets = _resolve(model, spec)  # all validation happens here, before any change
+
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mname, attr))
+
+    memo: dict[int, Any] = {id(t): t for t in model.parameters()}
+    memo.update({id(t): t for t in model.buffers()})
+    new = copy.deepcopy(model, memo)
+
+    per_module: dict[int, dict[str, Any]] = {}
+    for target in targets:
+        layout, parts, buffers = _plan(target)
+        replacement = None
+        if not layout.split and layout.regions[0].options is None:  # whole FROZEN: a new leaf
+            replacement = nn.Parameter(target.param.detach(), requires_grad=False)
+        done: set[int] = set()
+        for mname, attr in owners[id(target.param)]:
+            module = new.get_submodule(mname)
+            if id(module) in done:
+                continue
+            done.add(id(module))
+            work = per_module.setdefault(id(module), {"module": module, "layouts": {},
+                                                      "parts": {}, "buffers": {}, "repl": {}})
+            work["layouts"][attr] = layout
+            work["parts"][attr] = parts
+            work["buffers"][attr] = buffers
+            if replacement is not None:
+                work["repl"][attr] = replacement
+    for work in per_module.values():
+        _rewrite(work["module"], work["layouts"], work["parts"], work["buffers"], work["repl"])
+    return new, _param_groups(new)
+
+
+def describe(split_model: nn.Module) -> str:
+    """A readable table of every planned parameter: region, elements, options and path.
+
+    ``path`` is ``fx`` (the owner's forward was rewritten with torch.fx), ``attr`` (the owner's
+    forward reads the parameter as an attribute, which assembles it) or ``-`` (not split).
+
+    Example::
+
+        >>> print(paramsplit.describe(split_model))
+        parameter  region     elements  options            path
+        0.weight   cols 0:5   5         weight_decay=0.01  fx
+        0.weight   cols 5:10  5         weight_decay=0.1   fx
+    """
+    rows: list[tuple[str, ...]] = [("parameter", "region", "elements", "options", "path")]
+    seen: dict[int, int] = {}
+    for mname, module in split_model.named_modules():
+        for attr, (layout, path) in getattr(module, _STATE, {}).items():
+            layout: _Layout
+            if id(layout) in seen:
+                continue
+            seen[id(layout)] = len(rows)
+            name = f"{mname}.{attr}" if mname else attr
+            for region in layout.regions:
+                rows.append((name, region.label, str(region.numel),
+                             _options_label(region.options), path or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
