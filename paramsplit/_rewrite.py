@@ -144,14 +144,10 @@ def _refuse_set(module: nn.Module, value: Any, attr: str) -> None:
 
 
 def _rewrite(module: nn.Module, layouts: dict[str, _Layout],
-             parts: dict[str, list[nn.Parameter]], buffers: dict[str, dict[str, torch.Tensor]],
-             replacements: dict[str, nn.Parameter]) -> None:
-    """Install split ``layouts``, whole-parameter plans and ``replacements`` on ``module``.
-
-    ``layouts`` maps each planned attribute (split or not) to its layout; ``parts`` and
-    ``buffers`` hold what split ones are replaced by; ``replacements`` maps attributes whose
-    Parameter object changes (whole FROZEN plans) to the new Parameter.
-    """
+             parts: dict[str, list[nn.Parameter]],
+             buffers: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Install ``layouts`` (every planned attribute, split or not) on ``module``; split ones
+    are replaced by their ``parts`` and index ``buffers``."""
     split = {a: lay for a, lay in layouts.items() if lay.split}
     forward = _fx_forward(module, split) if split else None
     params: dict[str, Any] = {}
@@ -159,7 +155,7 @@ def _rewrite(module: nn.Module, layouts: dict[str, _Layout],
         if name in split:
             params.update(zip(_part_names(name, split[name]), parts[name]))
         else:
-            params[name] = replacements.get(name, p)
+            params[name] = p
     module.__dict__["_parameters"] = params
     for attr, bufs in buffers.items():
         for suffix, t in bufs.items():

@@ -197,8 +197,19 @@ def _mask_target(key: str, name: str, param: nn.Parameter, ids: torch.Tensor,
         flat = new_index[flat]
         regions = [regions[i] for i in keep]
     if len(regions) == 1:
-        return _Target(key, name, param, "whole", regions)
+        return _whole(key, name, param, regions[0])
     return _Target(key, name, param, "mask", regions, region_ids=flat)
+
+
+def _whole(key: str, name: str, param: nn.Parameter, region: _Region) -> _Target:
+    """A plan with one region. A trainable one needs no split, only its own group; a FROZEN one
+    becomes a single frozen part, so the tensor the forward reads still requires grad like the
+    original (some kernels choose their path by ``requires_grad``)."""
+    if region.options is not None:
+        return _Target(key, name, param, "whole", [region])
+    if param.dim() == 0:
+        return _Target(key, name, param, "mask", [region], region_ids=torch.zeros(1, dtype=torch.long))
+    return _Target(key, name, param, "rows", [region], bounds=[(0, param.shape[0])])
 
 
 def _check_mask(key: str, param: nn.Parameter, mask: Any, what: str) -> torch.Tensor:
@@ -217,7 +228,7 @@ def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any) -> _Target
     numel = param.numel()
     if plan is FROZEN or isinstance(plan, Mapping):
         opts = _options(key, plan, "options")
-        return _Target(key, name, param, "whole", [_Region("all", opts, numel)])
+        return _whole(key, name, param, _Region("all", opts, numel))
 
     if isinstance(plan, Regions):
         mask = _check_mask(key, param, plan.mask, "Regions mask")
@@ -285,7 +296,7 @@ def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks) -> _T
     per_slice = param.numel() // size if size else 0
     regions = [_Region(f"{which} {a}:{b}", o, (b - a) * per_slice) for a, b, o in full]
     if len(full) == 1:
-        return _Target(key, name, param, "whole", regions)
+        return _whole(key, name, param, regions[0])
     return _Target(key, name, param, which, regions, dim=plan.dim,
                    bounds=[(a, b) for a, b, _ in full])
 

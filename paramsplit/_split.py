@@ -50,9 +50,6 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
     per_module: dict[int, dict[str, Any]] = {}
     for target in targets:
         layout, parts, buffers = _plan(target)
-        replacement = None
-        if not layout.split and layout.regions[0].options is None:  # whole FROZEN: a new leaf
-            replacement = nn.Parameter(target.param.detach(), requires_grad=False)
         done: set[int] = set()
         for mname, attr in owners[id(target.param)]:
             module = new.get_submodule(mname)
@@ -60,14 +57,12 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
                 continue
             done.add(id(module))
             work = per_module.setdefault(id(module), {"module": module, "layouts": {},
-                                                      "parts": {}, "buffers": {}, "repl": {}})
+                                                      "parts": {}, "buffers": {}})
             work["layouts"][attr] = layout
             work["parts"][attr] = parts
             work["buffers"][attr] = buffers
-            if replacement is not None:
-                work["repl"][attr] = replacement
     for work in per_module.values():
-        _rewrite(work["module"], work["layouts"], work["parts"], work["buffers"], work["repl"])
+        _rewrite(work["module"], work["layouts"], work["parts"], work["buffers"])
     return new, _param_groups(new)
 
 

@@ -1,0 +1,91 @@
+"""Bad specs: a clear error naming the spec key, raised before anything changes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import paramsplit
+from paramsplit import FROZEN, Regions, SpecError, cols, rows
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+CASES = [
+    # (spec, key named in the message, words the message must contain)
+    ({"0.wieght": {}}, "0.wieght", ["no parameter or module", "did you mean", "'0.weight'"]),
+    ({"3": {}}, "3", ["no parameter or module"]),
+    ({"*.conv": {}}, "*.conv", ["matches no parameter"]),
+    ({"0": Regions(torch.zeros(4, 3, dtype=torch.long), {0: {}})}, "0", ["shape (4, 3)", "(3, 4)"]),
+    ({"0": Regions(torch.zeros(3, 4), {0: {}})}, "0", ["integer or bool", "torch.float32"]),
+    ({"0": Regions([[0, 1, 0, 1]] * 3, {0: {}, 1: {}})}, "0", ["must be a torch.Tensor", "list"]),
+    ({"0": Regions(torch.tensor([[0, 1, 2, 1]] * 3), {0: {}, 1: {}})}, "0",
+     ["region ids [2]", "no options"]),
+    ({"0": Regions(torch.tensor([[0, 1, 0, 1]] * 3), {0: {}, 1: "fast"})}, "0",
+     ["region 1", "dict of optimizer options or paramsplit.FROZEN"]),
+    ({"0": torch.tensor([[float("nan"), 0.1, 0.1, 0.1]] * 3)}, "0", ["NaN"]),
+    ({"0": torch.tensor([[-0.1, 0.1, 0.1, 0.1]] * 3)}, "0", ["negative"]),
+    ({"0": torch.zeros(3, 4, dtype=torch.long)}, "0", ["must be floating", "Regions"]),
+    ({"0": torch.zeros(4)}, "0", ["shape (4,)"]),
+    ({"0": {"weight_decay": float("nan")}}, "0", ["weight_decay", "non-negative"]),
+    ({"0": {"weight_decay": -1.0}}, "0", ["weight_decay", "non-negative"]),
+    ({"0": {"lr": "big"}}, "0", ["lr must be a number"]),
+    ({"0": {"params": []}}, "0", ["'params' is set by paramsplit"]),
+    ({"0": rows({(2, 5): {}})}, "0", ["rows block (2, 5)", "out of range", "size 3"]),
+    ({"0": rows({(2, 2): {}})}, "0", ["empty"]),
+    ({"0": cols({(-1, 2): {}})}, "0", ["cols block (-1, 2)"]),
+    ({"0": rows({(0, 2): {}, (1, 3): FROZEN})}, "0", ["(0, 2)", "(1, 3)", "overlap"]),
+    ({"0": rows({0: {}})}, "0", ["(start, stop) tuples"]),
+    ({"0.bias": cols({(0, 1): {}})}, "0.bias", ["at least 2 dims"]),
+    ({"0": {}, "0.weight": {}}, "0.weight", ["'0.weight'", "spec['0'] already names"]),
+    ({"*.weight": {}, "2": FROZEN}, "2", ["'2.weight'", "already names"]),
+    ({"0": 0.1}, "0", ["unsupported plan", "float"]),
+]
+
+
+@pytest.mark.parametrize("spec,key,words", CASES, ids=[c[1] + ":" + c[2][0] for c in CASES])
+def test_bad_spec_names_its_key_and_changes_nothing(spec, key, words):
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    with pytest.raises(SpecError) as info:
+        paramsplit.split(model, spec)
+    message = str(info.value)
+    assert message.startswith(f"spec[{key!r}]: "), message
+    for word in words:
+        assert word in message, (word, message)
+    assert [type(m) for m in model.modules()] == classes
+    assert model.state_dict().keys() == before.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_spec_error_is_a_value_error_and_a_type_error():
+    assert issubclass(SpecError, ValueError) and issubclass(SpecError, TypeError)
+
+
+def test_spec_of_the_wrong_type():
+    with pytest.raises(SpecError, match="dict or a callable"):
+        paramsplit.split(_model(), [("0", {})])  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="keys must be strings"):
+        paramsplit.split(_model(), {0: {}})  # type: ignore[dict-item]
+
+
+def test_callable_spec_errors_name_the_parameter():
+    with pytest.raises(SpecError, match=r"^spec\['2.weight'\]: rows block"):
+        paramsplit.split(_model(), lambda n, p: rows({(0, 3): {}}) if n == "2.weight" else None)
+
+
+def test_tied_parameter_named_twice():
+    model = _model()
+    extra = nn.Linear(4, 3)
+    extra.weight = model[0].weight
+    model.add_module("3", extra)
+    with pytest.raises(SpecError, match=r"spec\['3'\]: names parameter '0.weight'"):
+        paramsplit.split(model, {"0": {}, "3": {}})
