@@ -7,8 +7,14 @@ Example::
 """
 
 from ._spec import FROZEN, Blocks, Regions, SpecError, cols, rows
-from ._split import describe, split
-from ._state import load_merged_state_dict, merged_state_dict
+from ._split import describe, param_groups, split
+from ._state import (
+    load_merged_optimizer_state,
+    load_merged_state_dict,
+    merge,
+    merged_optimizer_state,
+    merged_state_dict,
+)
 
 __version__ = "0.1.0"
 
@@ -19,8 +25,12 @@ __all__ = [
     "SpecError",
     "cols",
     "describe",
+    "load_merged_optimizer_state",
     "load_merged_state_dict",
+    "merge",
+    "merged_optimizer_state",
     "merged_state_dict",
+    "param_groups",
     "rows",
     "split",
 ]

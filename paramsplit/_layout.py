@@ -96,17 +96,22 @@ class _Layout:
             parts = tensors
         if not torch.compiler.is_compiling() and self.linked(parts):
             out = _AliasAssemble.apply(self, perm, inv, *parts)
-        elif self.kind == "mask":
-            assert inv is not None
-            flat = torch.cat([p.reshape(-1) for p in parts])
-            out = flat.index_select(0, inv).view(self.shape)
         else:
-            out = torch.cat(parts, self.dim)
+            out = self.merge(parts, inv)
         if self.requires_grad and not out.requires_grad:
             # Kernels (e.g. MultiheadAttention's) pick their path by requires_grad, even under
             # no_grad: the assembled tensor must look like the parameter it stands for.
             out.requires_grad_()
         return out
+
+    def merge(self, parts: tuple[Tensor, ...] | list[Tensor], inv: Tensor | None) -> Tensor:
+        """The full tensor from per-part tensors (parts, their grads or optimizer state), with
+        plain differentiable ops into a fresh tensor."""
+        if self.kind == "mask":
+            assert inv is not None
+            flat = torch.cat([p.reshape(-1) for p in parts])
+            return flat.index_select(0, inv.to(flat.device)).view(self.shape)
+        return torch.cat(list(parts), self.dim)
 
     def relink(self, parts: list[nn.Parameter], perm: Tensor | None) -> None:
         """Make ``parts`` views of one fresh base again (after ``module.to()`` and friends)."""
@@ -157,12 +162,11 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _indices(region_ids: Tensor) -> tuple[Tensor, Tensor]:
+def _indices(perm: Tensor) -> tuple[Tensor, Tensor]:
     """``perm`` (base position -> flat position) and its inverse, int32 where that fits."""
-    n = region_ids.numel()
-    perm = torch.argsort(region_ids, stable=True)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(n)
+    n = perm.numel()
+    inv = torch.empty(n, dtype=torch.long)
+    inv[perm.long()] = torch.arange(n)
     dtype = torch.int32 if n < 2**31 else torch.long
     return perm.to(dtype), inv.to(dtype)
 
@@ -181,7 +185,7 @@ def _plan(target: _Target) -> tuple[_Layout, list[nn.Parameter], dict[str, Tenso
     perm = None
     if layout.kind == "mask":
         assert target.region_ids is not None
-        perm, inv = _indices(target.region_ids)
+        perm, inv = _indices(torch.argsort(target.region_ids, stable=True))
         if param.device.type == "meta":
             layout.perm_cpu = perm
         buffers = {"perm": perm.to(param.device), "inv": inv.to(param.device)}

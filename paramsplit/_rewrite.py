@@ -25,7 +25,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from ._layout import _Layout
+from ._layout import _indices, _Layout
 
 #: Attribute on each owner: {attr: (layout, path)}; path is "fx", "attr" or "" (not split).
 _STATE = "_paramsplit"
@@ -110,7 +110,7 @@ def _split_class(cls: type, attrs: list[str], forward: Callable[..., Any] | None
             if not layout.split:
                 continue
             if layout.kind == "mask" and layout.perm_cpu is not None:
-                perm, inv = _indices_from_perm(layout.perm_cpu)
+                perm, inv = _indices(layout.perm_cpu)
                 device = getattr(self, f"{attr}__perm").device
                 if device.type != "meta":
                     self._buffers[f"{attr}__perm"] = perm.to(device)
@@ -120,7 +120,7 @@ def _split_class(cls: type, attrs: list[str], forward: Callable[..., Any] | None
         return self
 
     namespace: dict[str, Any] = {"_apply": _apply, "__module__": cls.__module__,
-                                 "__qualname__": cls.__qualname__}
+                                 "__qualname__": cls.__qualname__, "_paramsplit_class": True}
     for attr in attrs:
         namespace[attr] = property(functools.partial(_assembled, attr=attr),
                                    functools.partial(_refuse_set, attr=attr),
@@ -130,10 +130,12 @@ def _split_class(cls: type, attrs: list[str], forward: Callable[..., Any] | None
     return type(cls.__name__, (cls,), namespace)
 
 
-def _indices_from_perm(perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = torch.empty_like(perm)
-    inv[perm.long()] = torch.arange(perm.numel(), dtype=perm.dtype)
-    return perm, inv
+def _original_class(module: nn.Module) -> type:
+    """The class ``module`` had before paramsplit swapped it."""
+    cls = type(module)
+    while cls.__dict__.get("_paramsplit_class", False):
+        cls = cls.__bases__[0]
+    return cls
 
 
 def _refuse_set(module: nn.Module, value: Any, attr: str) -> None:

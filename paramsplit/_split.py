@@ -66,6 +66,20 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
     return new, _param_groups(new)
 
 
+def param_groups(split_model: nn.Module) -> list[dict[str, Any]]:
+    """The param groups :func:`split` returned, rebuilt from ``split_model``'s current parameters.
+
+    Use it when the parameter objects changed after :func:`split`, e.g. after FSDP2's
+    ``fully_shard`` or after loading a split model anew.
+
+    Example::
+
+        >>> fully_shard(split_model)
+        >>> opt = torch.optim.AdamW(paramsplit.param_groups(split_model), lr=1e-3)
+    """
+    return _param_groups(split_model)
+
+
 def describe(split_model: nn.Module) -> str:
     """A readable table of every planned parameter: region, elements, options and path.
 

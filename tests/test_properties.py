@@ -103,9 +103,9 @@ def test_random_splits_are_exact(case, dtype):
         assert len(parts) == len(groups_of)
         for p in parts:
             idx = next(i for i in groups_of.values()
-                       if len(i) == p.numel() and torch.equal(w.reshape(-1)[i], p.detach()))
+                       if len(i) == p.numel() and torch.equal(w.reshape(-1)[i], p.detach().reshape(-1)))
             if p.requires_grad:
-                assert torch.equal(p.grad, x.reshape(-1)[idx])
+                assert torch.equal(p.grad.reshape(-1), x.reshape(-1)[idx])
             else:
                 assert p.grad is None
 
