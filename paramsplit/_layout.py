@@ -22,8 +22,28 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ._spec import _Region, _Target
+
+try:  # FSDP2 shards parameters into DTensors (torch >= 2.5)
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Replicate = None  # type: ignore[assignment, misc]
+
+
+def _has_storage(t: Tensor) -> bool:
+    """Whether ``t`` owns plain storage (not a wrapper subclass such as FSDP2's DTensor)."""
+    return not is_traceable_wrapper_subclass(t)
+
+
+def _index_like(index: Tensor, like: Tensor) -> Tensor:
+    """``index`` on ``like``'s device; a replicated DTensor on its mesh if ``like`` is one."""
+    if DTensor is not None and isinstance(like, DTensor) and not isinstance(index, DTensor):
+        mesh = like.device_mesh
+        return DTensor.from_local(index.to(like.device), mesh, [Replicate()] * mesh.ndim,
+                                  run_check=False)
+    return index.to(like.device)
 
 
 @dataclass(eq=False)
@@ -65,6 +85,8 @@ class _Layout:
 
     def linked(self, parts: tuple[Tensor, ...]) -> bool:
         """Whether ``parts`` are still the views :meth:`views` made of one base."""
+        if not all(_has_storage(p) for p in parts):
+            return False  # e.g. FSDP2's sharded DTensors: nothing to alias
         first = parts[0]
         if first.storage_offset() != 0:
             return False
@@ -110,13 +132,13 @@ class _Layout:
         if self.kind == "mask":
             assert inv is not None
             flat = torch.cat([p.reshape(-1) for p in parts])
-            return flat.index_select(0, inv.to(flat.device)).view(self.shape)
+            return flat.index_select(0, _index_like(inv, flat)).view(self.shape)
         return torch.cat(list(parts), self.dim)
 
     def relink(self, parts: list[nn.Parameter], perm: Tensor | None) -> None:
         """Make ``parts`` views of one fresh base again (after ``module.to()`` and friends)."""
-        if self.linked(tuple(parts)):
-            return
+        if self.linked(tuple(parts)) or not all(_has_storage(p) for p in parts):
+            return  # linked already, or sharded: FSDP2 owns the storage of DTensor parts
         with torch.no_grad():
             if self.kind == "mask":
                 base = torch.cat([p.reshape(-1) for p in parts])

@@ -1,0 +1,348 @@
+"""Split models under torch.distributed: DDP and FSDP2 (``fully_shard``).
+
+Each test spawns 2 CPU processes that talk over gloo on 127.0.0.1 and compares what they train
+with single-process training of an identically split model on the full batch. The losses are
+means, so DDP's / FSDP's gradient averaging over the 2 half batches matches the full batch.
+
+The workers compute and ``torch.save`` their results into ``tmp_path`` (they only assert their
+own setup); the results are checked in the pytest process. Every spawn has a deadline (:data:`TIMEOUT_S`) and every collective a
+gloo timeout, so a hang fails the test instead of blocking the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import paramsplit
+
+WORLD = 2
+TIMEOUT_S = 45.0  # deadline for one spawn (normal runs take a few seconds)
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
+STEPS = 3
+LR = 0.01
+ATOL = 1e-6  # distributed vs single process: the gradient sum is reassociated
+MASK_SEED = 1
+BATCH = 8
+
+
+# -- the model, its split and the data (identical in every process) ------------------------------
+
+def _mask() -> torch.Tensor:
+    """Region ids of ``2.weight`` (shape (4, 32)): region 1 is FROZEN."""
+    return torch.randint(0, 2, (4, 32), generator=torch.Generator().manual_seed(MASK_SEED))
+
+
+def _model(seed: int = 0) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def _spec() -> dict[str, Any]:
+    return {
+        "0": paramsplit.rows({(0, 16): {"weight_decay": 0.0}, (16, None): {"weight_decay": 0.3}}),
+        "2": paramsplit.Regions(_mask(), {0: {"weight_decay": 0.1, "lr": 0.02},
+                                          1: paramsplit.FROZEN}),
+    }
+
+
+def _split(seed: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
+    return paramsplit.split(_model(seed), _spec())
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(BATCH, 16, generator=g), torch.randn(BATCH, 4, generator=g)
+
+
+def _half(t: torch.Tensor, rank: int) -> torch.Tensor:
+    return t.chunk(WORLD)[rank]
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = nn.functional.mse_loss(model(x), y)  # a mean over the batch
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _reference(steps: int = STEPS) -> dict[str, torch.Tensor]:
+    """Merged weights of single-process training on the full batch."""
+    split_model, groups = _split()
+    opt = torch.optim.AdamW(groups, lr=LR)
+    x, y = _batch()
+    for _ in range(steps):
+        _step(split_model, opt, x, y)
+    return paramsplit.merged_state_dict(split_model)
+
+
+def _merged_from_parts(parts_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Merge a full state dict with the split model's keys (``0.weight__0``, ...)."""
+    split_model, _ = _split(seed=1234)
+    split_model.load_state_dict(parts_state, strict=True)
+    return paramsplit.merged_state_dict(split_model)
+
+
+def _assert_close_dicts(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
+                        atol: float = ATOL) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def _assert_frozen_unchanged(merged: dict[str, torch.Tensor]) -> None:
+    frozen = _mask() == 1
+    assert frozen.any() and (~frozen).any()
+    initial = _model().state_dict()["2.weight"]
+    assert torch.equal(merged["2.weight"][frozen], initial[frozen]), "FROZEN elements changed"
+    # and training did something everywhere else
+    assert not torch.equal(merged["2.weight"][~frozen], initial[~frozen])
+    assert not torch.equal(merged["0.weight"], _model().state_dict()["0.weight"])
+
+
+# -- spawning ---------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[[int, Path], None], port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        fn(rank, Path(out))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn: Callable[[int, Path], None], out: Path) -> None:
+    """Run ``fn(rank, out)`` in WORLD processes; fail on an error or past the deadline."""
+    ctx = mp.spawn(_entry, args=(fn, _free_port(), str(out)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ctx.join(timeout=1.0):  # raises ProcessRaisedException if a worker failed
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            for p in ctx.processes:
+                p.join(5)
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s (hang?)")
+
+
+def _load(out: Path, name: str) -> list[Any]:
+    return [torch.load(out / f"{name}{rank}.pt", weights_only=True) for rank in range(WORLD)]
+
+
+# -- DDP ----------------------------------------------------------------------------------------
+
+def _ddp_worker(rank: int, out: Path, gradient_as_bucket_view: bool) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    split_model, groups = _split()
+    ddp = DDP(split_model, gradient_as_bucket_view=gradient_as_bucket_view)
+    opt = torch.optim.AdamW(groups, lr=LR)  # DDP keeps the Parameter objects: groups stay valid
+    x, y = _batch()
+    for _ in range(STEPS):
+        _step(ddp, opt, _half(x, rank), _half(y, rank))
+    torch.save(paramsplit.merged_state_dict(ddp.module), out / f"ddp{rank}.pt")
+
+
+def _ddp_worker_plain(rank: int, out: Path) -> None:
+    _ddp_worker(rank, out, gradient_as_bucket_view=False)
+
+
+def _ddp_worker_bucket_view(rank: int, out: Path) -> None:
+    _ddp_worker(rank, out, gradient_as_bucket_view=True)
+
+
+@pytest.mark.parametrize("worker", [_ddp_worker_plain, _ddp_worker_bucket_view],
+                         ids=["grad-copy", "gradient_as_bucket_view"])
+def test_ddp_matches_single_process(tmp_path: Path, worker: Callable[[int, Path], None]) -> None:
+    _spawn(worker, tmp_path)
+    merged = _load(tmp_path, "ddp")
+    want = _reference()
+    for rank in range(WORLD):
+        _assert_close_dicts(merged[rank], want)
+        _assert_frozen_unchanged(merged[rank])
+    for key in want:  # DDP replicas stay bitwise in sync
+        assert torch.equal(merged[0][key], merged[1][key]), key
+
+
+# -- FSDP2 --------------------------------------------------------------------------------------
+
+def _fsdp_split(seed: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """A split model sharded per layer then at the root, and AdamW groups for its DTensors.
+
+    ``fully_shard`` replaces every parameter by a new DTensor Parameter, so the groups
+    ``paramsplit.split`` returned point to the old objects. Rebuilding them by parameter name
+    works with any paramsplit version; ``paramsplit.param_groups(split_model)`` must agree.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    split_model, groups = _split(seed)
+    name_of = {id(p): n for n, p in split_model.named_parameters()}
+    by_name = [{**{k: v for k, v in g.items() if k != "params"},
+                "params": [name_of[id(p)] for p in g["params"]]} for g in groups]
+    for layer in (split_model[0], split_model[2]):
+        fully_shard(layer)
+    fully_shard(split_model)
+    params = dict(split_model.named_parameters())
+    new_groups = [{**g, "params": [params[n] for n in g["params"]]} for g in by_name]
+
+    from torch.distributed.tensor import DTensor
+    assert all(isinstance(p, DTensor) for p in params.values())
+    in_groups = [n for g in by_name for n in g["params"]]
+    assert sorted(in_groups) == sorted(n for n, p in params.items() if p.requires_grad)
+    assert not params["2.weight__1"].requires_grad  # the FROZEN region stays frozen
+    helper = paramsplit.param_groups(split_model)
+    assert [{**g, "params": [id(p) for p in g["params"]]} for g in helper] == \
+        [{**g, "params": [id(p) for p in g["params"]]} for g in new_groups]
+    return split_model, new_groups
+
+
+def _full_parts_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _fsdp_train_worker(rank: int, out: Path) -> None:
+    model, groups = _fsdp_split()
+    opt = torch.optim.AdamW(groups, lr=LR)
+    x, y = _batch()
+    for _ in range(STEPS):
+        _step(model, opt, _half(x, rank), _half(y, rank))
+    torch.save(_full_parts_state(model), out / f"fsdp{rank}.pt")
+
+
+def test_fsdp2_matches_single_process(tmp_path: Path) -> None:
+    _spawn(_fsdp_train_worker, tmp_path)
+    want = _reference()
+    for state in _load(tmp_path, "fsdp"):
+        merged = _merged_from_parts(state)
+        _assert_close_dicts(merged, want)
+        _assert_frozen_unchanged(merged)
+
+
+def _fsdp_checkpoint_worker(rank: int, out: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    x, y = _batch()
+    xs, ys = _half(x, rank), _half(y, rank)
+
+    # run A: step 1, save a sharded checkpoint, steps 2..STEPS
+    model, groups = _fsdp_split()
+    opt = torch.optim.AdamW(groups, lr=LR)
+    _step(model, opt, xs, ys)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=str(out / "ckpt"))
+    for _ in range(STEPS - 1):
+        _step(model, opt, xs, ys)
+    uninterrupted = _full_parts_state(model)
+
+    # run B: a fresh sharded split model (other initial weights) loads the checkpoint, continues
+    fresh, fresh_groups = _fsdp_split(seed=99)
+    fresh_opt = torch.optim.AdamW(fresh_groups, lr=LR)
+    state = {"model": get_model_state_dict(fresh),
+             "optim": get_optimizer_state_dict(fresh, fresh_opt)}
+    dcp.load(state, checkpoint_id=str(out / "ckpt"))
+    set_model_state_dict(fresh, state["model"])
+    set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
+    after_load = _full_parts_state(fresh)
+    for _ in range(STEPS - 1):
+        _step(fresh, fresh_opt, xs, ys)
+    resumed = _full_parts_state(fresh)
+    torch.save({"uninterrupted": uninterrupted, "after_load": after_load, "resumed": resumed},
+               out / f"ckpt{rank}.pt")
+
+
+def test_fsdp2_sharded_checkpoint_save_load(tmp_path: Path) -> None:
+    _spawn(_fsdp_checkpoint_worker, tmp_path)
+    want = _reference()
+    after_one_step = _reference(steps=1)
+    for result in _load(tmp_path, "ckpt"):
+        _assert_close_dicts(_merged_from_parts(result["after_load"]), after_one_step)
+        for key, value in result["uninterrupted"].items():  # resuming changes nothing at all
+            assert torch.equal(result["resumed"][key], value), key
+        merged = _merged_from_parts(result["resumed"])
+        _assert_close_dicts(merged, want)
+        _assert_frozen_unchanged(merged)
+
+
+def _fsdp_to_worker(rank: int, out: Path) -> None:
+    model, groups = _fsdp_split()
+    model.to(torch.float32)  # a no-op cast, but it runs the split owners' _apply (relink)
+    opt = torch.optim.AdamW(groups, lr=LR)
+    x, y = _batch()
+    for _ in range(STEPS):
+        _step(model, opt, _half(x, rank), _half(y, rank))
+    torch.save(_full_parts_state(model), out / f"to{rank}.pt")
+
+
+def test_fsdp2_module_to_after_fully_shard(tmp_path: Path) -> None:
+    """``model.to(...)`` after ``fully_shard`` leaves the sharded parts alone; training matches."""
+    _spawn(_fsdp_to_worker, tmp_path)
+    want = _reference()
+    for state in _load(tmp_path, "to"):
+        merged = _merged_from_parts(state)
+        _assert_close_dicts(merged, want)
+        _assert_frozen_unchanged(merged)
+
+
+def _fsdp_merged_worker(rank: int, out: Path) -> None:
+    """What paramsplit itself gives on a sharded model: the property and merged_state_dict."""
+    from torch.distributed.tensor import DTensor
+
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+
+    model, groups = _fsdp_split()
+    opt = torch.optim.AdamW(groups, lr=LR)
+    x, y = _batch()
+    for _ in range(STEPS):
+        _step(model, opt, _half(x, rank), _half(y, rank))
+    weights = {f"{i}.weight": full(model[i].weight) for i in (0, 2)}  # outside forward: sharded
+    merged = {k: full(v) for k, v in paramsplit.merged_state_dict(model).items()}
+    torch.save({"weights": weights, "merged": merged}, out / f"merged{rank}.pt")
+
+
+def test_fsdp2_merged_state_dict_of_sharded_model(tmp_path: Path) -> None:
+    """``model.<attr>`` and ``merged_state_dict`` work on a fully_shard-ed split model.
+
+    Outside forward the parts are sharded DTensors; the assembled tensor is a DTensor whose
+    full tensor is the original-layout weight.
+    """
+    _spawn(_fsdp_merged_worker, tmp_path)
+    want = _reference()
+    for result in _load(tmp_path, "merged"):
+        _assert_close_dicts(result["merged"], want)
+        _assert_frozen_unchanged(result["merged"])
+        for key, value in result["weights"].items():
+            assert torch.equal(value, result["merged"][key]), key
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(pytest.main([os.path.abspath(__file__), "-v"]))
