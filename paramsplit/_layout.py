@@ -116,14 +116,19 @@ class _Layout:
         else:
             perm = inv = None
             parts = tensors
-        if not torch.compiler.is_compiling() and self.linked(parts):
+        if torch.compiler.is_compiling():
+            # Compiled kernels do not pick their path by requires_grad, and dynamo cannot return
+            # a tensor marked with requires_grad_(): plain ops only.
+            return self.merge(parts, inv)
+        if self.linked(parts):
             out = _AliasAssemble.apply(self, perm, inv, *parts)
         else:
             out = self.merge(parts, inv)
         if self.requires_grad and not out.requires_grad:
             # Kernels (e.g. MultiheadAttention's) pick their path by requires_grad, even under
-            # no_grad: the assembled tensor must look like the parameter it stands for.
-            out.requires_grad_()
+            # no_grad: the assembled tensor must look like the parameter it stands for. A leaf, so
+            # that its views (``weight.t()`` inside ``F.linear``) require grad too.
+            out = out.detach().requires_grad_()
         return out
 
     def merge(self, parts: tuple[Tensor, ...] | list[Tensor], inv: Tensor | None) -> Tensor:

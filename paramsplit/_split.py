@@ -11,6 +11,7 @@ from ._groups import _param_groups
 from ._layout import _Layout, _plan
 from ._rewrite import _STATE, _rewrite
 from ._spec import Spec, _options_label, _resolve
+from ._state import merged_state_dict
 
 
 def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]]:
@@ -63,7 +64,23 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
             work["buffers"][attr] = buffers
     for work in per_module.values():
         _rewrite(work["module"], work["layouts"], work["parts"], work["buffers"])
+    if per_module and callable(getattr(new, "save_pretrained", None)):
+        _save_merged(new)
     return new, _param_groups(new)
+
+
+def _save_merged(model: nn.Module) -> None:
+    """Make a Hugging Face model's ``save_pretrained`` write the original (merged) weights."""
+    cls = type(model)
+
+    def save_pretrained(self: nn.Module, *args: Any, state_dict: Any = None, **kwargs: Any) -> Any:
+        if state_dict is None:
+            state_dict = merged_state_dict(self)
+        return cls.save_pretrained(self, *args, state_dict=state_dict, **kwargs)
+
+    model.__class__ = type(cls.__name__, (cls,), {
+        "save_pretrained": save_pretrained, "_paramsplit_class": True,
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def param_groups(split_model: nn.Module) -> list[dict[str, Any]]:

@@ -207,6 +207,7 @@ def merge(split_model: nn.Module) -> nn.Module:
     new = copy.deepcopy(split_model, memo)
     merged: dict[int, nn.Parameter] = {}
     for module in new.modules():
+        module.__class__ = _original_class(module)
         layouts = module.__dict__.pop(_STATE, None)
         if not layouts:
             continue
@@ -232,5 +233,4 @@ def merge(split_model: nn.Module) -> nn.Module:
                 for which in ("perm", "inv"):
                     module._buffers.pop(f"{attr}__{which}", None)
                     module._non_persistent_buffers_set.discard(f"{attr}__{which}")
-        module.__class__ = _original_class(module)
     return new

@@ -235,3 +235,15 @@ def test_safetensors_round_trip_of_merged_weights(tmp_path):
     other, _ = paramsplit.split(_model(seed=4), SPEC_A)
     paramsplit.load_merged_state_dict(other, safetensors.load_file(str(tmp_path / "w.safetensors")))
     assert torch.equal(other(x), split_model(x))
+
+
+def test_torch_compile_with_frozen_parts_with_and_without_grad():
+    torch._dynamo.reset()
+    model = _model()
+    split_model, _ = paramsplit.split(model, {"0.bias": FROZEN, "0.weight": Regions(
+        torch.arange(108).reshape(9, 12) % 2, {0: FROZEN, 1: {}})})
+    compiled = torch.compile(split_model, fullgraph=True)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(compiled(x), model(x))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
