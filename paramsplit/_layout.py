@@ -140,7 +140,7 @@ class _Layout:
             return flat.index_select(0, _index_like(inv, flat)).view(self.shape)
         return torch.cat(list(parts), self.dim)
 
-    def relink(self, parts: list[nn.Parameter], perm: Tensor | None) -> None:
+    def relink(self, parts: list[nn.Parameter]) -> None:
         """Make ``parts`` views of one fresh base again (after ``module.to()`` and friends)."""
         if self.linked(tuple(parts)) or not all(_has_storage(p) for p in parts):
             return  # linked already, or sharded: FSDP2 owns the storage of DTensor parts

@@ -53,11 +53,12 @@ class _LeafTracer(torch.fx.Tracer):
         return True
 
 
-def _compile(graph: torch.fx.Graph, owner: type) -> Callable[..., Any]:
+def _compile(graph: torch.fx.Graph, owner: type) -> tuple[str, Callable[..., Any]]:
+    """The source of ``graph`` as a method of ``owner``, and the compiled function."""
     code = graph.python_code(root_module="self")
     namespace = dict(code.globals)
     exec(compile(code.src, f"<paramsplit forward of {owner.__qualname__}>", "exec"), namespace)
-    return namespace["forward"]
+    return code.src, namespace["forward"]
 
 
 def _fx_forward(module: nn.Module, layouts: dict[str, _Layout]) -> Callable[..., Any] | None:
@@ -88,8 +89,7 @@ def _fx_forward(module: nn.Module, layouts: dict[str, _Layout]) -> Callable[...,
             node.replace_all_uses_with(new)
             graph.erase_node(node)
         graph.lint()
-        srcs[training] = graph.python_code(root_module="self").src
-        sources[training] = _compile(graph, type(module))
+        srcs[training], sources[training] = _compile(graph, type(module))
     if srcs[True] == srcs[False]:
         return sources[True]
     train_fwd, eval_fwd = sources[True], sources[False]
@@ -115,8 +115,7 @@ def _split_class(cls: type, attrs: list[str], forward: Callable[..., Any] | None
                 if device.type != "meta":
                     self._buffers[f"{attr}__perm"] = perm.to(device)
                     self._buffers[f"{attr}__inv"] = inv.to(device)
-            perm_buf = getattr(self, f"{attr}__perm") if layout.kind == "mask" else None
-            layout.relink([getattr(self, n) for n in _part_names(attr, layout)], perm_buf)
+            layout.relink([getattr(self, n) for n in _part_names(attr, layout)])
         return self
 
     namespace: dict[str, Any] = {"_apply": _apply, "__module__": cls.__module__,
