@@ -1,19 +1,22 @@
 """Region planning: how a parameter's elements are laid out in its sub-parameters.
 
-A split parameter of shape ``S`` becomes one sub-parameter ("part") per region. All parts are views
-into one fresh storage (the *base*), so assembling the original tensor costs little:
+A split parameter of shape ``S`` becomes one sub-parameter ("part") per region. All parts are dense
+(contiguous) views into one fresh storage, the *base*, so that every optimizer implementation
+(for-loop, foreach, fused) sees ordinary tensors, and assembling the original tensor costs little:
 
-* ``rows`` / ``cols``: the base has the original shape and layout; part ``i`` is
-  ``base.narrow(dim, start_i, stop_i - start_i)``. The assembled tensor is the base itself: no copy.
-* ``mask``: the base is 1-D with the elements sorted by region; part ``i`` is a contiguous slice of
+* ``rows``: the base has the original shape; part ``i`` is ``base[start_i:stop_i]``. The assembled
+  tensor is the base itself: no copy, and each part's gradient is a view of the weight's.
+* ``cols``: the base holds the column blocks one after the other; assembly is ``torch.cat`` along
+  dim 1 (one copy). A block of columns of the original layout is not dense, and fused optimizers
+  mishandle such views, so the parts are not taken from the original layout.
+* ``mask``: the base is 1-D with the elements sorted by region (stable); part ``i`` is a slice of
   it. Assembly gathers the base into a fresh tensor of shape ``S`` (``index_select`` with ``inv``);
   the gradient is gathered back with ``perm``.
 
-When the parts stop sharing one storage (an optimizer or wrapper replaced their data) or under
-``torch.compile``, assembly falls back to plain differentiable ops (``torch.cat`` and
-``index_select``) into a fresh tensor, which is always correct. Both routes give exactly the
-original values in a fresh, contiguous tensor at offset 0, so every kernel reading it computes
-bitwise what it computed on the original parameter.
+When the parts stop sharing one storage (a wrapper such as FSDP2 replaced them) or under
+``torch.compile``, assembly uses plain differentiable ops (``torch.cat`` and ``index_select``).
+Every route gives exactly the original values in a contiguous tensor at storage offset 0, so every
+kernel reading it computes bitwise what it computed on the original parameter.
 """
 
 from __future__ import annotations
@@ -68,12 +71,19 @@ class _Layout:
 
     # -- building ---------------------------------------------------------------------------
 
-    def views(self, base: Tensor) -> list[Tensor]:
-        """The parts as views into ``base``."""
+    def _shapes(self) -> list[tuple[int, ...]]:
+        """The shape of each part."""
         if self.kind == "mask":
-            return list(base.split(self.sizes))
+            return [(n,) for n in self.sizes]
         assert self.bounds is not None
-        return [base.narrow(self.dim, a, b - a) for a, b in self.bounds]
+        return [self.shape[:self.dim] + (b - a,) + self.shape[self.dim + 1:]
+                for a, b in self.bounds]
+
+    def views(self, base: Tensor) -> list[Tensor]:
+        """The parts as dense views into ``base``."""
+        if self.kind == "rows":
+            return [base[a:b] for a, b in self.bounds or []]
+        return [flat.view(shape) for flat, shape in zip(base.split(self.sizes), self._shapes())]
 
     def base_from(self, full: Tensor, perm: Tensor | None) -> Tensor:
         """A fresh base holding the values of the (unsplit) tensor ``full``."""
@@ -81,30 +91,21 @@ class _Layout:
         if self.kind == "mask":
             assert perm is not None
             return full.reshape(-1).index_select(0, perm.to(full.device))
+        if self.kind == "cols":
+            return torch.cat([full.narrow(1, a, b - a).reshape(-1) for a, b in self.bounds or []])
         return full.clone(memory_format=torch.contiguous_format)
 
     def linked(self, parts: tuple[Tensor, ...]) -> bool:
-        """Whether ``parts`` are still the views :meth:`views` made of one base."""
+        """Whether ``parts`` are still the dense views :meth:`views` made of one base."""
         if not all(_has_storage(p) for p in parts):
             return False  # e.g. FSDP2's sharded DTensors: nothing to alias
-        first = parts[0]
-        if first.storage_offset() != 0:
-            return False
-        ptr = first.untyped_storage().data_ptr()
-        if self.kind == "mask":
-            at = 0
-            for p, n in zip(parts, self.sizes):
-                if (p.untyped_storage().data_ptr() != ptr or p.storage_offset() != at
-                        or p.dim() != 1 or (n > 1 and p.stride(0) != 1)):
-                    return False
-                at += n
-            return True
-        assert self.bounds is not None
-        strides = _contiguous_strides(self.shape)
-        for p, (a, _) in zip(parts, self.bounds):
-            if (p.untyped_storage().data_ptr() != ptr or p.stride() != strides
-                    or p.storage_offset() != a * strides[self.dim]):
+        ptr = parts[0].untyped_storage().data_ptr()
+        at = 0
+        for p, n, shape in zip(parts, self.sizes, self._shapes()):
+            if (p.untyped_storage().data_ptr() != ptr or p.storage_offset() != at
+                    or tuple(p.shape) != shape or not p.is_contiguous()):
                 return False
+            at += n
         return True
 
     # -- assembling ---------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class _Layout:
             # Compiled kernels do not pick their path by requires_grad, and dynamo cannot return
             # a tensor marked with requires_grad_(): plain ops only.
             return self.merge(parts, inv)
-        if self.linked(parts):
+        if self.kind != "cols" and self.linked(parts):
             out = _AliasAssemble.apply(self, perm, inv, *parts)
         else:
             out = self.merge(parts, inv)
@@ -145,16 +146,15 @@ class _Layout:
         if self.linked(tuple(parts)) or not all(_has_storage(p) for p in parts):
             return  # linked already, or sharded: FSDP2 owns the storage of DTensor parts
         with torch.no_grad():
-            if self.kind == "mask":
-                base = torch.cat([p.reshape(-1) for p in parts])
-            else:
-                base = torch.cat(list(parts), self.dim)
+            base = torch.cat([p.reshape(-1) for p in parts])
+        if self.kind == "rows":
+            base = base.view(self.shape)
         for p, view in zip(parts, self.views(base)):
             p.data = view
 
 
 class _AliasAssemble(torch.autograd.Function):
-    """Assembly from linked parts: an alias of the base (rows/cols) or one gather (mask)."""
+    """Assembly from linked parts: an alias of the base (rows) or one gather (mask)."""
 
     @staticmethod
     def forward(ctx, layout: _Layout, perm: Tensor | None, inv: Tensor | None,  # type: ignore[override]

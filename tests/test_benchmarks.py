@@ -13,7 +13,6 @@ VARIANTS = {"baseline", "rows", "cols", "mask", "penalty", "hooks", "parametrize
 
 
 def test_step_quick_writes_every_variant(tmp_path):
-    pytest.importorskip("transformers")
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, str(STEP), "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)

@@ -233,9 +233,10 @@ def test_adam_matches_the_seed_masked_l2_penalty():
 @pytest.mark.parametrize("make_opt", [
     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, foreach=False),
     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, foreach=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, fused=True),
     lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.05),
     lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9, weight_decay=0.05),
-], ids=["adamw-loop", "adamw-foreach", "adam", "sgd-momentum"])
+], ids=["adamw-loop", "adamw-foreach", "adamw-fused", "adam", "sgd-momentum"])
 def test_equal_options_train_bitwise_like_the_unsplit_model(kind, make_opt):
     model = _mlp(seed=4)
     ref = copy.deepcopy(model)
@@ -257,7 +258,19 @@ def test_equal_options_train_bitwise_like_the_unsplit_model(kind, make_opt):
             o.step()
     merged = paramsplit.merged_state_dict(split_model)
     for k, v in ref.state_dict().items():
-        assert torch.equal(merged[k], v), k
+        if opt.defaults.get("fused"):
+            # torch's fused CPU kernel rounds differently by an element's position in its
+            # vector loop, and the parts are shorter tensors: equal up to rounding only
+            torch.testing.assert_close(merged[k], v, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(merged[k], v), k
+
+
+def test_fused_adamw_sees_dense_parts():
+    """Fused optimizers treat parameters as dense memory: every part must be contiguous."""
+    for plan in _plans().values():
+        split_model, _ = paramsplit.split(_mlp(), {"0.weight": plan})
+        assert all(p.is_contiguous() for p in split_model.parameters())
 
 
 @pytest.mark.parametrize("make_opt", [
