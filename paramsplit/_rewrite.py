@@ -144,27 +144,27 @@ def _refuse_set(module: nn.Module, value: Any, attr: str) -> None:
     )
 
 
-def _rewrite(module: nn.Module, layouts: dict[str, _Layout],
-             parts: dict[str, list[nn.Parameter]],
-             buffers: dict[str, dict[str, torch.Tensor]]) -> None:
-    """Install ``layouts`` (every planned attribute, split or not) on ``module``; split ones
-    are replaced by their ``parts`` and index ``buffers``."""
-    split = {a: lay for a, lay in layouts.items() if lay.split}
+def _rewrite(module: nn.Module,
+             plans: dict[str, tuple[_Layout, list[nn.Parameter], dict[str, torch.Tensor]]]) -> None:
+    """Install ``plans`` (attr -> layout, parts, index buffers) on ``module``.
+
+    Every planned attribute is recorded; split ones are replaced, in place, by their parts.
+    """
+    split = {a: lay for a, (lay, _, _) in plans.items() if lay.split}
     forward = _fx_forward(module, split) if split else None
     params: dict[str, Any] = {}
     for name, p in module._parameters.items():
         if name in split:
-            params.update(zip(_part_names(name, split[name]), parts[name]))
+            params.update(zip(_part_names(name, split[name]), plans[name][1]))
         else:
             params[name] = p
     module.__dict__["_parameters"] = params
-    for attr, bufs in buffers.items():
-        for suffix, t in bufs.items():
+    for attr, (_, _, buffers) in plans.items():
+        for suffix, t in buffers.items():
             module.register_buffer(f"{attr}__{suffix}", t, persistent=False)
     path = "fx" if forward is not None else "attr"
     state = dict(getattr(module, _STATE, {}))
-    state.update({a: (lay, path if lay.split else "") for a, lay in layouts.items()})
+    state.update({a: (lay, path if lay.split else "") for a, (lay, _, _) in plans.items()})
     object.__setattr__(module, _STATE, state)
     if split:
         module.__class__ = _split_class(type(module), list(split), forward)
-

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from ._groups import _param_groups
-from ._layout import _Layout, _plan
+from ._layout import _plan
 from ._rewrite import _STATE, _rewrite
 from ._spec import Spec, _options_label, _resolve
 from ._state import merged_state_dict
@@ -48,23 +48,15 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
     memo.update({id(t): t for t in model.buffers()})
     new = copy.deepcopy(model, memo)
 
-    per_module: dict[int, dict[str, Any]] = {}
+    plans: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
     for target in targets:
-        layout, parts, buffers = _plan(target)
-        done: set[int] = set()
+        plan = _plan(target)
         for mname, attr in owners[id(target.param)]:
             module = new.get_submodule(mname)
-            if id(module) in done:
-                continue
-            done.add(id(module))
-            work = per_module.setdefault(id(module), {"module": module, "layouts": {},
-                                                      "parts": {}, "buffers": {}})
-            work["layouts"][attr] = layout
-            work["parts"][attr] = parts
-            work["buffers"][attr] = buffers
-    for work in per_module.values():
-        _rewrite(work["module"], work["layouts"], work["parts"], work["buffers"])
-    if per_module and callable(getattr(new, "save_pretrained", None)):
+            plans.setdefault(id(module), (module, {}))[1][attr] = plan
+    for module, module_plans in plans.values():
+        _rewrite(module, module_plans)
+    if plans and callable(getattr(new, "save_pretrained", None)):
         _save_merged(new)
     return new, _param_groups(new)
 
@@ -111,13 +103,12 @@ def describe(split_model: nn.Module) -> str:
         0.weight   cols 5:10  5         weight_decay=0.1   fx
     """
     rows: list[tuple[str, ...]] = [("parameter", "region", "elements", "options", "path")]
-    seen: dict[int, int] = {}
+    seen: set[int] = set()  # a tied parameter is listed once, under its first name
     for mname, module in split_model.named_modules():
         for attr, (layout, path) in getattr(module, _STATE, {}).items():
-            layout: _Layout
             if id(layout) in seen:
                 continue
-            seen[id(layout)] = len(rows)
+            seen.add(id(layout))
             name = f"{mname}.{attr}" if mname else attr
             for region in layout.regions:
                 rows.append((name, region.label, str(region.numel),
