@@ -104,7 +104,8 @@ def _worker(profile: bool, threads: int | None) -> dict[str, Any]:
     peak = _status_kb("VmHWM") if can_reset else resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss
     rss_after = _status_kb("VmRSS") or 0
-    del model
+    del model, params
+    gc.unfreeze()  # frozen objects are never collected, and HF models hold reference cycles
     gc.collect()
     rss_dropped = _status_kb("VmRSS") or 0
     out = {
