@@ -34,29 +34,11 @@ import sys
 import time
 from typing import Any
 
+from _memory import _reset_hwm, _status_kb  # benchmarks/ is sys.path[0]
+
 TIME_TARGET_S = 5.0
 MEM_TARGET_X = 1.1
 MMAP_THRESHOLD = 16384
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") is not None
 
 
 def _worker(profile: bool, threads: int | None) -> dict[str, Any]:

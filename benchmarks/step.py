@@ -76,6 +76,8 @@ from torch.nn.utils import parametrize
 
 import paramsplit
 
+from _memory import _reset_hwm, _status_kb  # benchmarks/ is sys.path[0]
+
 VARIANTS = ("baseline", "rows", "cols", "mask", "penalty", "hooks", "parametrize")
 BATCHES = (8, 128, 2048)
 LR = 1e-3
@@ -339,26 +341,6 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 
 
 # -- memory ------------------------------------------------------------------------------------
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") is not None
 
 
 def _peak_kb() -> int:
