@@ -112,11 +112,11 @@ class _Layout:
 
     def assemble(self, *tensors: Tensor) -> Tensor:
         """The original tensor, from ``(perm, inv, *parts)`` (mask) or ``(*parts)``."""
+        perm: Tensor | None = None
+        inv: Tensor | None = None
+        parts = tensors
         if self.kind == "mask":
             perm, inv, parts = tensors[0], tensors[1], tensors[2:]
-        else:
-            perm = inv = None
-            parts = tensors
         if torch.compiler.is_compiling():
             # Compiled kernels do not pick their path by requires_grad, and dynamo cannot return
             # a tensor marked with requires_grad_(): plain ops only.

@@ -105,7 +105,7 @@ def _split_class(cls: type, attrs: list[str], forward: Callable[..., Any] | None
     """A subclass of ``cls`` that reads ``attrs`` as assembled tensors."""
 
     def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
-        cls._apply(self, fn, recurse)
+        cls._apply(self, fn, recurse)  # type: ignore[attr-defined]
         for attr, (layout, _) in getattr(self, _STATE).items():
             if not layout.split:
                 continue

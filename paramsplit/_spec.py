@@ -229,8 +229,7 @@ def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any) -> _Target
     """Validate ``plan`` for ``param`` and describe its regions."""
     numel = param.numel()
     if plan is FROZEN or isinstance(plan, Mapping):
-        opts = _options(key, plan, "options")
-        return _whole(key, name, param, _Region("all", opts, numel))
+        return _whole(key, name, param, _Region("all", _options(key, plan, "options"), numel))
 
     if isinstance(plan, Regions):
         mask = _check_mask(key, param, plan.mask, "Regions mask")
@@ -243,8 +242,9 @@ def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any) -> _Target
         missing = [v for v in values if v not in plan.options]
         if missing:
             raise _fail(key, f"region ids {missing} appear in the mask but have no options")
-        opts = [_options(key, plan.options[v], f"region {v!r}") for v in values]
-        return _mask_target(key, name, param, ids, opts, [f"region {v!r}" for v in values])
+        region_opts = [_options(key, plan.options[v], f"region {v!r}") for v in values]
+        return _mask_target(key, name, param, ids, region_opts,
+                            [f"region {v!r}" for v in values])
 
     if isinstance(plan, Blocks):
         return _blocks_target(key, name, param, plan)
@@ -259,8 +259,9 @@ def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any) -> _Target
         if (wd < 0).any():
             raise _fail(key, "weight-decay tensor contains negative values")
         values, ids = torch.unique(wd.reshape(-1), return_inverse=True)
-        opts = [{"weight_decay": float(v)} for v in values.tolist()]
-        return _mask_target(key, name, param, ids, opts,
+        decays: list[dict[str, Any] | None] = [{"weight_decay": float(v)}
+                                                for v in values.tolist()]
+        return _mask_target(key, name, param, ids, decays,
                             [f"weight_decay={float(v)}" for v in values.tolist()])
 
     raise _fail(key, f"unsupported plan of type {type(plan).__name__}; expected a weight-decay "

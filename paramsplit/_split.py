@@ -68,7 +68,8 @@ def _save_merged(model: nn.Module) -> None:
     def save_pretrained(self: nn.Module, *args: Any, state_dict: Any = None, **kwargs: Any) -> Any:
         if state_dict is None:
             state_dict = merged_state_dict(self)
-        return cls.save_pretrained(self, *args, state_dict=state_dict, **kwargs)
+        return cls.save_pretrained(self, *args, state_dict=state_dict,  # type: ignore[attr-defined]
+                                   **kwargs)
 
     model.__class__ = type(cls.__name__, (cls,), {
         "save_pretrained": save_pretrained, "_paramsplit_class": True,

@@ -87,7 +87,7 @@ def _splits_by_name(model: nn.Module) -> dict[str, tuple[nn.Module, str, _Layout
 
 
 def _parts(module: nn.Module, attr: str, layout: _Layout) -> list[nn.Parameter]:
-    return [module._parameters[n] for n in _part_names(attr, layout)]
+    return [getattr(module, n) for n in _part_names(attr, layout)]
 
 
 def _index(module: nn.Module, attr: str, layout: _Layout, which: str) -> torch.Tensor | None:
