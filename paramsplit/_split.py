@@ -10,7 +10,7 @@ from torch import nn
 from ._groups import _param_groups
 from ._layout import _plan
 from ._rewrite import _STATE, _rewrite
-from ._spec import Spec, _options_label, _resolve
+from ._spec import Spec, SpecError, _options_label, _resolve
 from ._state import merged_state_dict
 
 
@@ -36,6 +36,9 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
         ...                                   (5, None): {"weight_decay": 0.1}})})
         >>> opt = torch.optim.AdamW(groups, lr=1e-3)
     """
+    if any(lay.split for m in model.modules() for lay, _ in getattr(m, _STATE, {}).values()):
+        raise SpecError("this model is already split; split paramsplit.merge(model) with the "
+                        "new spec instead (merged_optimizer_state carries the optimizer state)")
     targets = _resolve(model, spec)  # all validation happens here, before any change
 
     owners: dict[int, list[tuple[str, str]]] = {}

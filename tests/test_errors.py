@@ -89,3 +89,12 @@ def test_tied_parameter_named_twice():
     model.add_module("3", extra)
     with pytest.raises(SpecError, match=r"spec\['3'\]: names parameter '0.weight'"):
         paramsplit.split(model, {"0": {}, "3": {}})
+
+
+def test_splitting_a_split_model_asks_for_merge_first():
+    split_model, _ = paramsplit.split(_model(), {"0": rows({(0, 1): FROZEN})})
+    with pytest.raises(SpecError, match=r"already split; split paramsplit.merge\(model\)"):
+        paramsplit.split(split_model, {"2": cols({(0, 1): FROZEN})})
+    again, _ = paramsplit.split(paramsplit.merge(split_model), {"2": cols({(0, 1): FROZEN})})
+    x = torch.randn(2, 4)
+    assert torch.equal(again(x), split_model(x))
