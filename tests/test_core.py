@@ -399,3 +399,32 @@ def test_to_dtype_keeps_parts_linked_and_bitwise():
         parts = [p for n, p in lin.named_parameters() if "__" in n]
         assert len({p.untyped_storage().data_ptr() for p in parts}) == 1
         assert all(p.dtype == torch.float64 for p in parts)
+
+
+class _ParentReadsChildWeight(nn.Module):
+    """The output layer reuses the embedding matrix through ``self.emb.weight`` (no tie)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+
+    def forward(self, tokens):
+        return nn.functional.linear(torch.tanh(self.emb(tokens)), self.emb.weight)
+
+
+@pytest.mark.parametrize("kind", ["rows", "regions"])
+def test_parameter_read_outside_its_owner_forward(kind):
+    torch.manual_seed(0)
+    model = _ParentReadsChildWeight()
+    plan = (rows({(0, 20): FROZEN}) if kind == "rows"
+            else Regions(torch.arange(240).reshape(30, 8) % 3, {0: FROZEN, 1: {}, 2: {"lr": 0.1}}))
+    split_model, _ = paramsplit.split(model, {"emb": plan})
+    tokens = torch.randint(0, 30, (4, 5))
+    out, ref = split_model(tokens), model(tokens)
+    assert torch.equal(out, ref)
+    out.logsumexp(-1).sum().backward()
+    ref.logsumexp(-1).sum().backward()
+    frozen = (plan.mask == 0) if kind == "regions" else torch.arange(30)[:, None].expand(30, 8) < 20
+    grad = _merged_grad(split_model, "emb.weight")
+    assert torch.equal(grad[~frozen], model.emb.weight.grad[~frozen])
+    assert torch.all(grad[frozen] == 0)
