@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._layout import _Layout
+from ._layout import _has_storage, _Layout
 from ._rewrite import _STATE, _part_names
 
 
@@ -53,7 +53,9 @@ def load_merged_state_dict(split_model: nn.Module, state_dict: Mapping[str, Any]
                            strict: bool = True) -> Any:
     """Load an unsplit checkpoint (original keys and shapes) into ``split_model``.
 
-    Returns what ``split_model.load_state_dict`` returns.
+    Returns what ``split_model.load_state_dict`` returns. On a model sharded with FSDP2
+    (``fully_shard``), every rank passes the full checkpoint and receives its shards, through
+    ``torch.distributed.checkpoint.state_dict.set_model_state_dict``.
 
     Example::
 
@@ -71,6 +73,14 @@ def load_merged_state_dict(split_model: nn.Module, state_dict: Mapping[str, Any]
         perm = getattr(module, f"{attr}__perm") if layout.kind == "mask" else None
         values = layout.views(layout.base_from(full, perm))
         converted.update(zip([prefix + n for n in _part_names(attr, layout)], values))
+    if any(not _has_storage(p) for p in split_model.parameters()):  # sharded (DTensor) params
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=strict)
+        return set_model_state_dict(split_model, converted, options=options)
     return split_model.load_state_dict(converted, strict=strict)
 
 

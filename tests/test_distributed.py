@@ -78,9 +78,9 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     opt.zero_grad(set_to_none=True)
 
 
-def _reference(steps: int = STEPS) -> dict[str, torch.Tensor]:
+def _reference(steps: int = STEPS, seed: int = 0) -> dict[str, torch.Tensor]:
     """Merged weights of single-process training on the full batch."""
-    split_model, groups = _split()
+    split_model, groups = _split(seed)
     opt = torch.optim.AdamW(groups, lr=LR)
     x, y = _batch()
     for _ in range(steps):
@@ -346,3 +346,21 @@ def test_fsdp2_merged_state_dict_of_sharded_model(tmp_path: Path) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([os.path.abspath(__file__), "-v"]))
+
+
+def _fsdp_load_merged_worker(rank: int, out: Path) -> None:
+    """An original-format (unsplit) checkpoint loads into a sharded split model."""
+    model, groups = _fsdp_split(seed=3)
+    paramsplit.load_merged_state_dict(model, _model(seed=7).state_dict())
+    opt = torch.optim.AdamW(groups, lr=LR)
+    x, y = _batch()
+    for _ in range(STEPS):
+        _step(model, opt, _half(x, rank), _half(y, rank))
+    torch.save(_full_parts_state(model), out / f"lm{rank}.pt")
+
+
+def test_fsdp2_load_merged_state_dict(tmp_path: Path) -> None:
+    _spawn(_fsdp_load_merged_worker, tmp_path)
+    want = _reference(seed=7)
+    for state in _load(tmp_path, "lm"):
+        _assert_close_dicts(_merged_from_parts(state), want)
