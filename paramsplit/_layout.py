@@ -95,6 +95,10 @@ class _Layout:
             return torch.cat([full.narrow(1, a, b - a).reshape(-1) for a, b in self.bounds or []])
         return full.clone(memory_format=torch.contiguous_format)
 
+    def values(self, full: Tensor, perm: Tensor | None) -> list[Tensor]:
+        """The parts' values of the (unsplit) tensor ``full``, as dense views of a fresh base."""
+        return self.views(self.base_from(full, perm))
+
     def linked(self, parts: tuple[Tensor, ...]) -> bool:
         """Whether ``parts`` are still the dense views :meth:`views` made of one base."""
         if not all(_has_storage(p) for p in parts):
@@ -143,8 +147,8 @@ class _Layout:
 
     def relink(self, parts: list[nn.Parameter]) -> None:
         """Make ``parts`` views of one fresh base again (after ``module.to()`` and friends)."""
-        if self.linked(tuple(parts)) or not all(_has_storage(p) for p in parts):
-            return  # linked already, or sharded: FSDP2 owns the storage of DTensor parts
+        if not all(_has_storage(p) for p in parts) or self.linked(tuple(parts)):
+            return  # sharded (FSDP2 owns the storage of DTensor parts), or linked already
         with torch.no_grad():
             base = torch.cat([p.reshape(-1) for p in parts])
         if self.kind == "rows":
@@ -217,9 +221,8 @@ def _plan(target: _Target) -> tuple[_Layout, list[nn.Parameter], dict[str, Tenso
             layout.perm_cpu = perm
         buffers = {"perm": perm.to(param.device), "inv": inv.to(param.device)}
         perm = buffers["perm"]
-    base = layout.base_from(param, perm)
     parts = [
         nn.Parameter(view, requires_grad=param.requires_grad and region.options is not None)
-        for view, region in zip(layout.views(base), layout.regions)
+        for view, region in zip(layout.values(param, perm), layout.regions)
     ]
     return layout, parts, buffers

@@ -21,6 +21,11 @@ def _split_entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, _Lay
                 yield (f"{prefix}." if prefix else ""), module, attr, layout
 
 
+def _index(module: nn.Module, attr: str, layout: _Layout, which: str) -> torch.Tensor | None:
+    """The ``perm`` or ``inv`` index buffer of a mask layout (``None`` for others)."""
+    return getattr(module, f"{attr}__{which}") if layout.kind == "mask" else None
+
+
 def merged_state_dict(split_model: nn.Module) -> dict[str, Any]:
     """The state dict of ``split_model`` with the original keys and shapes.
 
@@ -70,8 +75,7 @@ def load_merged_state_dict(split_model: nn.Module, state_dict: Mapping[str, Any]
         if tuple(full.shape) != layout.shape:
             raise RuntimeError(f"load_merged_state_dict: {key!r} has shape {tuple(full.shape)}, "
                                f"the model expects {layout.shape}")
-        perm = getattr(module, f"{attr}__perm") if layout.kind == "mask" else None
-        values = layout.views(layout.base_from(full, perm))
+        values = layout.values(full, _index(module, attr, layout, "perm"))
         converted.update(zip([prefix + n for n in _part_names(attr, layout)], values))
     if any(not _has_storage(p) for p in split_model.parameters()):  # sharded (DTensor) params
         from torch.distributed.checkpoint.state_dict import (
@@ -98,10 +102,6 @@ def _splits_by_name(model: nn.Module) -> dict[str, tuple[nn.Module, str, _Layout
 
 def _parts(module: nn.Module, attr: str, layout: _Layout) -> list[nn.Parameter]:
     return [getattr(module, n) for n in _part_names(attr, layout)]
-
-
-def _index(module: nn.Module, attr: str, layout: _Layout, which: str) -> torch.Tensor | None:
-    return getattr(module, f"{attr}__{which}") if layout.kind == "mask" else None
 
 
 def merged_optimizer_state(optimizer: torch.optim.Optimizer,
@@ -179,7 +179,7 @@ def load_merged_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Modu
             per_part: list[dict[str, Any]] = [{} for _ in parts]
             for key, v in values.items():
                 if isinstance(v, torch.Tensor) and tuple(v.shape) == layout.shape and v.dim() > 0:
-                    pieces = [t.clone() for t in layout.views(layout.base_from(v, perm))]
+                    pieces = [t.clone() for t in layout.values(v, perm)]
                 else:
                     pieces = [_copy(v) for _ in parts]
                 for d, piece in zip(per_part, pieces):
