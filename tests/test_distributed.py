@@ -102,14 +102,14 @@ def _assert_close_dicts(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
-def _assert_frozen_unchanged(merged: dict[str, torch.Tensor]) -> None:
+def _assert_frozen_unchanged(merged: dict[str, torch.Tensor], seed: int = 0) -> None:
+    """FROZEN elements kept the values of ``_model(seed)``; training moved everything else."""
     frozen = _mask() == 1
     assert frozen.any() and (~frozen).any()
-    initial = _model().state_dict()["2.weight"]
-    assert torch.equal(merged["2.weight"][frozen], initial[frozen]), "FROZEN elements changed"
-    # and training did something everywhere else
-    assert not torch.equal(merged["2.weight"][~frozen], initial[~frozen])
-    assert not torch.equal(merged["0.weight"], _model().state_dict()["0.weight"])
+    initial = _model(seed).state_dict()
+    assert torch.equal(merged["2.weight"][frozen], initial["2.weight"][frozen]), "FROZEN changed"
+    assert not torch.equal(merged["2.weight"][~frozen], initial["2.weight"][~frozen])
+    assert not torch.equal(merged["0.weight"], initial["0.weight"])
 
 
 # -- spawning ---------------------------------------------------------------------------------
@@ -223,8 +223,8 @@ def _full_parts_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
-def _fsdp_train_worker(rank: int, out: Path) -> None:
-    model, groups = _fsdp_split()
+def _fsdp_train(rank: int, out: Path, model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    """Train a sharded split model on this rank's half batch; save its full state."""
     opt = torch.optim.AdamW(groups, lr=LR)
     x, y = _batch()
     for _ in range(STEPS):
@@ -232,13 +232,36 @@ def _fsdp_train_worker(rank: int, out: Path) -> None:
     torch.save(_full_parts_state(model), out / f"fsdp{rank}.pt")
 
 
-def test_fsdp2_matches_single_process(tmp_path: Path) -> None:
-    _spawn(_fsdp_train_worker, tmp_path)
-    want = _reference()
+def _fsdp_train_worker(rank: int, out: Path) -> None:
+    _fsdp_train(rank, out, *_fsdp_split())
+
+
+def _fsdp_to_worker(rank: int, out: Path) -> None:
+    """``model.to(...)`` after ``fully_shard`` leaves the sharded parts alone."""
+    model, groups = _fsdp_split()
+    model.to(torch.float32)  # a no-op cast, but it runs the split owners' _apply (relink)
+    _fsdp_train(rank, out, model, groups)
+
+
+def _fsdp_load_merged_worker(rank: int, out: Path) -> None:
+    """An original-format (unsplit) checkpoint loads into a sharded split model."""
+    model, groups = _fsdp_split(seed=3)
+    paramsplit.load_merged_state_dict(model, _model(seed=7).state_dict())
+    _fsdp_train(rank, out, model, groups)
+
+
+@pytest.mark.parametrize("worker,seed", [(_fsdp_train_worker, 0), (_fsdp_to_worker, 0),
+                                         (_fsdp_load_merged_worker, 7)],
+                         ids=["train", "module-to-after-fully-shard", "load-merged-state-dict"])
+def test_fsdp2_matches_single_process(tmp_path: Path, worker: Callable[[int, Path], None],
+                                      seed: int) -> None:
+    """Training (from ``_model(seed)``'s weights) matches single-process training."""
+    _spawn(worker, tmp_path)
+    want = _reference(seed=seed)
     for state in _load(tmp_path, "fsdp"):
         merged = _merged_from_parts(state)
         _assert_close_dicts(merged, want)
-        _assert_frozen_unchanged(merged)
+        _assert_frozen_unchanged(merged, seed)
 
 
 def _fsdp_checkpoint_worker(rank: int, out: Path) -> None:
@@ -292,26 +315,6 @@ def test_fsdp2_sharded_checkpoint_save_load(tmp_path: Path) -> None:
         _assert_frozen_unchanged(merged)
 
 
-def _fsdp_to_worker(rank: int, out: Path) -> None:
-    model, groups = _fsdp_split()
-    model.to(torch.float32)  # a no-op cast, but it runs the split owners' _apply (relink)
-    opt = torch.optim.AdamW(groups, lr=LR)
-    x, y = _batch()
-    for _ in range(STEPS):
-        _step(model, opt, _half(x, rank), _half(y, rank))
-    torch.save(_full_parts_state(model), out / f"to{rank}.pt")
-
-
-def test_fsdp2_module_to_after_fully_shard(tmp_path: Path) -> None:
-    """``model.to(...)`` after ``fully_shard`` leaves the sharded parts alone; training matches."""
-    _spawn(_fsdp_to_worker, tmp_path)
-    want = _reference()
-    for state in _load(tmp_path, "to"):
-        merged = _merged_from_parts(state)
-        _assert_close_dicts(merged, want)
-        _assert_frozen_unchanged(merged)
-
-
 def _fsdp_merged_worker(rank: int, out: Path) -> None:
     """What paramsplit itself gives on a sharded model: the property and merged_state_dict."""
     from torch.distributed.tensor import DTensor
@@ -347,20 +350,3 @@ def test_fsdp2_merged_state_dict_of_sharded_model(tmp_path: Path) -> None:
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([os.path.abspath(__file__), "-v"]))
 
-
-def _fsdp_load_merged_worker(rank: int, out: Path) -> None:
-    """An original-format (unsplit) checkpoint loads into a sharded split model."""
-    model, groups = _fsdp_split(seed=3)
-    paramsplit.load_merged_state_dict(model, _model(seed=7).state_dict())
-    opt = torch.optim.AdamW(groups, lr=LR)
-    x, y = _batch()
-    for _ in range(STEPS):
-        _step(model, opt, _half(x, rank), _half(y, rank))
-    torch.save(_full_parts_state(model), out / f"lm{rank}.pt")
-
-
-def test_fsdp2_load_merged_state_dict(tmp_path: Path) -> None:
-    _spawn(_fsdp_load_merged_worker, tmp_path)
-    want = _reference(seed=7)
-    for state in _load(tmp_path, "lm"):
-        _assert_close_dicts(_merged_from_parts(state), want)

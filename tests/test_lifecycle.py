@@ -95,6 +95,14 @@ def test_merged_optimizer_state_is_in_the_original_layout():
     assert torch.equal(state["2.weight"]["exp_avg"][2:], opt.state[split_model[2].weight__1]["exp_avg"])
 
 
+def _split_with_state(model, spec, state):
+    """Split ``model`` and give its AdamW the merged optimizer ``state`` of an earlier run."""
+    split_model, groups = paramsplit.split(model, spec)
+    opt = _adamw(groups)
+    paramsplit.load_merged_optimizer_state(opt, split_model, state)
+    return split_model, opt
+
+
 def test_switching_to_a_split_mid_training_keeps_adam_moments():
     ref = _model()
     ref_opt = _adamw(ref.parameters())
@@ -102,10 +110,7 @@ def test_switching_to_a_split_mid_training_keeps_adam_moments():
 
     state = paramsplit.merged_optimizer_state(ref_opt, ref)  # an unsplit run: plain names
     assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    model = copy.deepcopy(ref)
-    split_model, groups = paramsplit.split(model, SPEC_A)
-    opt = _adamw(groups)
-    paramsplit.load_merged_optimizer_state(opt, split_model, state)
+    split_model, opt = _split_with_state(copy.deepcopy(ref), SPEC_A, state)
 
     _steps(ref, ref_opt, 3, seed=2)
     _steps(split_model, opt, 3, seed=2)
@@ -121,9 +126,7 @@ def test_resplitting_with_another_spec_carries_values_and_state():
     _steps(split_a, opt_a, 3, seed=1)
 
     state = paramsplit.merged_optimizer_state(opt_a, split_a)
-    split_b, groups_b = paramsplit.split(paramsplit.merge(split_a), SPEC_B)
-    opt_b = _adamw(groups_b)
-    paramsplit.load_merged_optimizer_state(opt_b, split_b, state)
+    split_b, opt_b = _split_with_state(paramsplit.merge(split_a), SPEC_B, state)
     _steps(ref, ref_opt, 3, seed=2)
     _steps(split_b, opt_b, 3, seed=2)
     _assert_same_weights(split_b, ref)
