@@ -4,13 +4,21 @@ A spec maps names (parameter names, module names meaning that module's ``.weight
 wildcards over both) to plans; or it is a callable ``(name, param) -> plan | None``. This module
 turns it into one :class:`_Target` per parameter, validating everything before the model is
 touched. Every error names the spec key it comes from.
+
+A plan may make at most :data:`MAX_REGIONS` regions per parameter (after regions with equal options
+are merged) unless ``_resolve`` is given a larger ``max_regions``: each region becomes its own
+sub-parameter, so a per-element decay tensor such as ``torch.rand(1024, 1024)`` would otherwise make
+a million of them.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
@@ -19,6 +27,9 @@ import torch
 from torch import nn
 
 __all__ = ["FROZEN", "Regions", "Blocks", "rows", "cols", "SpecError"]
+
+#: Default limit on the regions (sub-parameters) one parameter is split into.
+MAX_REGIONS = 1024
 
 
 class SpecError(ValueError, TypeError):
@@ -134,27 +145,90 @@ def _fail(key: str, message: str) -> SpecError:
     return SpecError(f"spec[{key!r}]: {message}")
 
 
-def _options(key: str, value: Any, where: str) -> dict[str, Any] | None:
-    """Validate one region's options; ``None`` means frozen."""
+_RANGES: dict[str, Callable[[float], bool]] = {
+    "a finite non-negative number": lambda x: x >= 0,
+    "a finite number in [0, 1]": lambda x: 0 <= x <= 1,
+    "a finite number in [0, 1)": lambda x: 0 <= x < 1,
+}
+#: The options of torch's optimizers whose values are checked, and the range each must be in
+#: (``betas``: each element; ``eps`` may also be a tuple of them and ``None``, as for Adafactor).
+_CHECKED = {name: "a finite non-negative number" for name in (
+    "lr", "weight_decay", "eps", "momentum", "alpha", "lr_decay", "initial_accumulator_value",
+    "rho")}
+_CHECKED.update(dampening="a finite number in [0, 1]", betas="a finite number in [0, 1)")
+
+
+@functools.cache
+def _known_options() -> tuple[str, ...]:
+    """The option names of torch's optimizers, and ``name`` (a group label)."""
+    names = {"name"}
+    for cls in vars(torch.optim).values():
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer):
+            names.update(n for n, p in inspect.signature(cls.__init__).parameters.items()
+                         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    return tuple(sorted(names - {"self", "params", "defaults"}))
+
+
+def _number(key: str, where: str, what: str, v: Any, rng: str) -> Any:
+    """Check one number (``rng`` is a key of ``_RANGES``); numpy scalars become Python numbers,
+    one-element tensors stay."""
+    x = v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        got = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)
+        raise _fail(key, f"{where}: {what} must be a number, got {got}")
+    if not (math.isfinite(x) and _RANGES[rng](x)):
+        raise _fail(key, f"{where}: {what} must be {rng}, got {v!r}")
+    return v if isinstance(v, torch.Tensor) or not hasattr(v, "item") else v.item()
+
+
+def _options(key: str, value: Any, where: str,
+             untrainable: str | None = None) -> dict[str, Any] | None:
+    """Validate one region's options; ``None`` means frozen. ``untrainable`` says why the
+    parameter takes no options, if it does not."""
     if value is FROZEN:
         return None
     if not isinstance(value, Mapping):
         raise _fail(key, f"{where}: expected a dict of optimizer options or paramsplit.FROZEN, "
                          f"got {type(value).__name__}")
+    if untrainable:
+        raise _fail(key, f"{where}: {untrainable}, so options would have no effect; use "
+                         f"paramsplit.FROZEN or leave it out of the spec")
     out = dict(value)
     for name, v in out.items():
         if not isinstance(name, str):
             raise _fail(key, f"{where}: option names must be strings, got {name!r}")
         if name == "params":
             raise _fail(key, f"{where}: 'params' is set by paramsplit, not by the spec")
-        if name in ("lr", "weight_decay"):
-            if isinstance(v, torch.Tensor):
-                v = v.item()
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise _fail(key, f"{where}: {name} must be a number, got {v!r}")
-            if math.isnan(v) or v < 0:
-                raise _fail(key, f"{where}: {name} must be a non-negative number, got {v!r}")
+        if name not in _known_options():
+            # names far from torch's, or extending one (beta1, eps2, eta), are other optimizers'
+            close = [c for c in difflib.get_close_matches(name, _known_options(), n=1, cutoff=0.85)
+                     if not (name.startswith(c) or c.startswith(name))]
+            if close:
+                raise _fail(key, f"{where}: unknown option {name!r}; did you mean {close[0]!r}?")
+        elif name == "betas" or (name == "eps" and isinstance(v, (tuple, list))):
+            if not isinstance(v, (tuple, list)) or not v:
+                raise _fail(key, f"{where}: {name} must be a tuple of numbers, got {v!r}")
+            out[name] = tuple(None if x is None and name == "eps"
+                              else _number(key, where, f"{name}[{i}]", x, _CHECKED[name])
+                              for i, x in enumerate(v))
+        elif name in _CHECKED:
+            out[name] = _number(key, where, name, v, _CHECKED[name])
     return out
+
+
+def _untrainable(name: str, param: nn.Parameter) -> str | None:
+    """Why options for ``param`` would go nowhere, if they would."""
+    if not (param.dtype.is_floating_point or param.dtype.is_complex):
+        return f"parameter {name!r} has dtype {param.dtype}, which no optimizer trains"
+    if not param.requires_grad:
+        return f"parameter {name!r} has requires_grad=False"
+    return None
+
+
+def _check_count(key: str, count: int, what: str, hint: str, max_regions: int) -> None:
+    if count > max_regions:
+        raise _fail(key, f"{count} regions ({what}) exceed max_regions={max_regions}; {hint}, or "
+                         f"pass split(..., max_regions=N)")
 
 
 def _options_key(options: dict[str, Any] | None) -> tuple[tuple[str, str], ...] | None:
@@ -173,8 +247,10 @@ def _options_label(options: dict[str, Any] | None) -> str:
 
 
 def _mask_target(key: str, name: str, param: nn.Parameter, ids: torch.Tensor,
-                 options: list[dict[str, Any] | None], labels: list[str]) -> _Target:
-    """Merge regions with equal options, drop empty ones, and build a mask target."""
+                 options: list[dict[str, Any] | None], labels: list[str],
+                 max_regions: int) -> _Target:
+    """Merge regions with equal options, drop empty ones, and build a mask target; with one region
+    or none (a parameter without elements), a whole one."""
     merged: dict[Any, int] = {}
     remap = []
     regions: list[_Region] = []
@@ -186,6 +262,7 @@ def _mask_target(key: str, name: str, param: nn.Parameter, ids: torch.Tensor,
         else:
             regions[merged[k]].label += f" + {label}"
         remap.append(merged[k])
+    _check_count(key, len(regions), "distinct options", "use fewer distinct options", max_regions)
     flat = torch.tensor(remap, dtype=torch.long)[ids.reshape(-1).long()]
     # the smallest dtype that holds the region ids: less memory, and a faster sort in _plan
     flat = flat.to(torch.uint8 if len(regions) <= 255 else torch.int32)
@@ -198,8 +275,8 @@ def _mask_target(key: str, name: str, param: nn.Parameter, ids: torch.Tensor,
         new_index[keep] = torch.arange(len(keep))
         flat = new_index[flat.long()].to(flat.dtype)
         regions = [regions[i] for i in keep]
-    if len(regions) == 1:
-        return _whole(key, name, param, regions[0])
+    if len(regions) <= 1:
+        return _whole(key, name, param, regions[0] if regions else _Region("all", {}, 0))
     return _Target(key, name, param, "mask", regions, region_ids=flat)
 
 
@@ -225,11 +302,13 @@ def _check_mask(key: str, param: nn.Parameter, mask: Any, what: str) -> torch.Te
     return mask.detach().cpu()
 
 
-def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any) -> _Target:
+def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any,
+                 max_regions: int) -> _Target:
     """Validate ``plan`` for ``param`` and describe its regions."""
     numel = param.numel()
+    why = _untrainable(name, param)
     if plan is FROZEN or isinstance(plan, Mapping):
-        return _whole(key, name, param, _Region("all", _options(key, plan, "options"), numel))
+        return _whole(key, name, param, _Region("all", _options(key, plan, "options", why), numel))
 
     if isinstance(plan, Regions):
         mask = _check_mask(key, param, plan.mask, "Regions mask")
@@ -242,34 +321,40 @@ def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any) -> _Target
         missing = [v for v in values if v not in plan.options]
         if missing:
             raise _fail(key, f"region ids {missing} appear in the mask but have no options")
-        region_opts = [_options(key, plan.options[v], f"region {v!r}") for v in values]
+        region_opts = [_options(key, plan.options[v], f"region {v!r}", why) for v in values]
         return _mask_target(key, name, param, ids, region_opts,
-                            [f"region {v!r}" for v in values])
+                            [f"region {v!r}" for v in values], max_regions)
 
     if isinstance(plan, Blocks):
-        return _blocks_target(key, name, param, plan)
+        return _blocks_target(key, name, param, plan, why, max_regions)
 
     if isinstance(plan, torch.Tensor):
         wd = _check_mask(key, param, plan, "weight-decay tensor")
         if not wd.dtype.is_floating_point:
             raise _fail(key, f"a tensor plan holds per-element weight_decay and must be floating, "
                              f"got {wd.dtype} (use paramsplit.Regions for integer masks)")
+        if why:
+            raise _fail(key, f"weight-decay tensor: {why}, so options would have no effect; "
+                             f"leave it out of the spec")
         if torch.isnan(wd).any():
             raise _fail(key, "weight-decay tensor contains NaN")
         if (wd < 0).any():
             raise _fail(key, "weight-decay tensor contains negative values")
         values, ids = torch.unique(wd.reshape(-1), return_inverse=True)
+        _check_count(key, len(values), "distinct weight_decay values",
+                     "use fewer distinct values, or a paramsplit.Regions mask", max_regions)
         decays: list[dict[str, Any] | None] = [{"weight_decay": float(v)}
                                                 for v in values.tolist()]
         return _mask_target(key, name, param, ids, decays,
-                            [f"weight_decay={float(v)}" for v in values.tolist()])
+                            [f"weight_decay={float(v)}" for v in values.tolist()], max_regions)
 
     raise _fail(key, f"unsupported plan of type {type(plan).__name__}; expected a weight-decay "
                      f"tensor, paramsplit.Regions, paramsplit.rows/cols, an options dict or "
                      f"paramsplit.FROZEN")
 
 
-def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks) -> _Target:
+def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks, why: str | None,
+                   max_regions: int) -> _Target:
     which = "rows" if plan.dim == 0 else "cols"
     if param.dim() <= plan.dim:
         raise _fail(key, f"{which} needs a parameter with at least {plan.dim + 1} dims, "
@@ -283,7 +368,7 @@ def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks) -> _T
         start, stop = span[0], size if span[1] is None else span[1]
         if not 0 <= start < stop <= size:
             raise _fail(key, f"{which} block {span!r} is out of range or empty for size {size}")
-        spans.append((start, stop, _options(key, value, f"{which} block {span!r}")))
+        spans.append((start, stop, _options(key, value, f"{which} block {span!r}", why)))
     spans.sort(key=lambda s: s[0])
     for (a0, a1, _), (b0, b1, _) in zip(spans, spans[1:]):
         if b0 < a1:
@@ -298,25 +383,34 @@ def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks) -> _T
         at = stop
     per_slice = param.numel() // size if size else 0
     regions = [_Region(f"{which} {a}:{b}", o, (b - a) * per_slice) for a, b, o in full]
+    _check_count(key, len(regions), f"{which} blocks", "use fewer blocks", max_regions)
     if len(full) == 1:
         return _whole(key, name, param, regions[0])
+    if param.numel() == 0:  # nothing to split: the blocks' options if they agree, else defaults
+        agree = len({_options_key(r.options) for r in regions}) == 1
+        return _whole(key, name, param, regions[0] if agree else _Region("all", {}, 0))
     return _Target(key, name, param, which, regions, dim=plan.dim,
                    bounds=[(a, b) for a, b, _ in full])
 
 
-def _module_weight(module: nn.Module) -> tuple[str, nn.Parameter] | None:
-    """The parameter a module name stands for: its ``weight`` (also when parametrized)."""
+def _module_weight(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters a module name stands for: its ``weight``, or the originals of a parametrized
+    ``weight`` (several for e.g. ``weight_norm``); none if it has neither."""
     param = module._parameters.get("weight")
     if isinstance(param, nn.Parameter):
-        return "weight", param
+        return [("weight", param)]
     plist = getattr(module, "parametrizations", None)
-    if plist is not None and "weight" in plist:
-        return "parametrizations.weight.original", plist["weight"].original
-    return None
+    if isinstance(plist, nn.ModuleDict) and "weight" in plist:
+        return [(f"parametrizations.weight.{n}", p)
+                for n, p in plist["weight"].named_parameters(recurse=False)]
+    return []
 
 
-def _resolve(model: nn.Module, spec: Spec) -> list[_Target]:
-    """One validated target per parameter the spec names, in model order."""
+def _resolve(model: nn.Module, spec: Spec, max_regions: int = MAX_REGIONS) -> list[_Target]:
+    """One validated target per parameter the spec names, in model order; each split into at most
+    ``max_regions`` regions."""
+    if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
+        raise SpecError(f"max_regions must be a positive int, got {max_regions!r}")
     named = list(model.named_parameters(remove_duplicate=False))
     canonical: dict[int, str] = {}
     for name, p in named:
@@ -326,19 +420,28 @@ def _resolve(model: nn.Module, spec: Spec) -> list[_Target]:
     if callable(spec) and not isinstance(spec, Mapping):
         targets = []
         for name, p in model.named_parameters():
-            plan = spec(name, p)
+            try:
+                plan = spec(name, p)
+            except Exception as exc:
+                raise _fail(name, f"spec(name, param) raised {type(exc).__name__}: {exc}") from exc
             if plan is not None:
-                targets.append(_plan_target(name, name, p, plan))
+                targets.append(_plan_target(name, name, p, plan, max_regions))
         return targets
     if not isinstance(spec, Mapping):
         raise SpecError(f"spec must be a dict or a callable (name, param) -> plan, "
                         f"got {type(spec).__name__}")
 
     candidates: dict[str, nn.Parameter] = dict(by_name)
+    modules: dict[str, nn.Module] = {}
+    several: dict[str, list[str]] = {}  # modules whose weight is parametrized from several tensors
     for mname, module in model.named_modules(remove_duplicate=False):
         found = _module_weight(module)
-        if mname and found is not None:
-            candidates.setdefault(mname, found[1])
+        if mname:
+            modules.setdefault(mname, module)
+        if mname and len(found) == 1:
+            candidates.setdefault(mname, found[0][1])
+        elif mname and found:
+            several.setdefault(mname, [f"{mname}.{n}" for n, _ in found])
 
     chosen: dict[int, tuple[str, Any]] = {}
     for key, plan in spec.items():
@@ -350,6 +453,16 @@ def _resolve(model: nn.Module, spec: Spec) -> list[_Target]:
             params = [p for n, p in candidates.items() if fnmatch.fnmatchcase(n, key)]
             if not params:
                 raise _fail(key, "this pattern matches no parameter or module")
+        elif key in several:
+            raise _fail(key, f"module {key!r} ({type(modules[key]).__name__}) has a weight "
+                             f"parametrized from several tensors; name them instead: "
+                             f"{', '.join(repr(n) for n in several[key])}")
+        elif key in modules:
+            names = [f"{key}.{n}" for n, _ in modules[key].named_parameters()]
+            shown = (f"its parameters are: {names[:8]}{' ...' if len(names) > 8 else ''}"
+                     if names else "it has no parameters")
+            raise _fail(key, f"module {key!r} ({type(modules[key]).__name__}) has no parameter "
+                             f"'weight'; {shown}")
         else:
             close = difflib.get_close_matches(key, list(candidates), n=3)
             hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
@@ -365,5 +478,5 @@ def _resolve(model: nn.Module, spec: Spec) -> list[_Target]:
     for name, p in model.named_parameters():
         if id(p) in chosen:
             key, plan = chosen[id(p)]
-            targets.append(_plan_target(key, name, p, plan))
+            targets.append(_plan_target(key, name, p, plan, max_regions))
     return targets

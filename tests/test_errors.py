@@ -46,6 +46,23 @@ CASES = [
     ({"0": {}, "0.weight": {}}, "0.weight", ["'0.weight'", "spec['0'] already names"]),
     ({"*.weight": {}, "2": FROZEN}, "2", ["'2.weight'", "already names"]),
     ({"0": 0.1}, "0", ["unsupported plan", "float"]),
+    ({"1": {}}, "1", ["module '1' (ReLU)", "no parameter 'weight'", "it has no parameters"]),
+    ({"0": {"weigth_decay": 0.1}}, "0", ["unknown option 'weigth_decay'",
+                                         "did you mean 'weight_decay'?"]),
+    ({"0": Regions(torch.tensor([[0, 1, 0, 1]] * 3), {0: {}, 1: {"momentun": 0.9}})}, "0",
+     ["region 1", "'momentun'", "did you mean 'momentum'?"]),
+    ({"0": {"lr": float("inf")}}, "0", ["lr must be a finite non-negative number", "inf"]),
+    ({"0": {"weight_decay": float("inf")}}, "0", ["weight_decay must be a finite", "inf"]),
+    ({"0": {"eps": -1e-8}}, "0", ["eps must be a finite non-negative number", "-1e-08"]),
+    ({"0": {"momentum": float("nan")}}, "0", ["momentum must be a finite", "nan"]),
+    ({"0": {"dampening": 1.5}}, "0", ["dampening must be a finite number in [0, 1]", "1.5"]),
+    ({"0": {"betas": (2, 2)}}, "0", ["betas[0] must be a finite number in [0, 1)", "got 2"]),
+    ({"0": {"betas": (0.9, 1.0)}}, "0", ["betas[1] must be a finite number in [0, 1)"]),
+    ({"0": {"betas": 0.9}}, "0", ["betas must be a tuple of numbers", "0.9"]),
+    ({"0": {"lr": True}}, "0", ["lr must be a number", "True"]),
+    ({"0": {"lr": torch.tensor([0.1, 0.2])}}, "0", ["lr must be a number", "tensor of shape (2,)"]),
+    ({"0": {"lr": torch.tensor(float("nan"))}}, "0", ["lr must be a finite", "nan"]),
+    ({"0": cols({(0, 2): {"weight_decay": -1.0}})}, "0", ["cols block (0, 2)", "weight_decay"]),
 ]
 
 
@@ -80,6 +97,22 @@ def test_spec_of_the_wrong_type():
 def test_callable_spec_errors_name_the_parameter():
     with pytest.raises(SpecError, match=r"^spec\['2.weight'\]: rows block"):
         paramsplit.split(_model(), lambda n, p: rows({(0, 3): {}}) if n == "2.weight" else None)
+
+
+def test_callable_spec_that_raises_names_the_parameter():
+    def spec(name, p):
+        if name == "2.bias":
+            raise KeyError("no rule for biases")
+        return None
+
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(SpecError, match=r"^spec\['2.bias'\]: spec\(name, param\) raised KeyError: "
+                                        r"'no rule for biases'$") as info:
+        paramsplit.split(model, spec)
+    assert isinstance(info.value.__cause__, KeyError)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
 
 
 def test_tied_parameter_named_twice():
