@@ -2,26 +2,24 @@
 
 A split parameter of shape ``S`` becomes one sub-parameter ("part") per region. All parts are dense
 (contiguous) views into one fresh storage, the *base*, so that every optimizer implementation
-(for-loop, foreach, fused) sees ordinary tensors, and assembling the original tensor costs little:
+(for-loop, foreach, fused) sees ordinary tensors:
 
-* ``rows``: the base has the original shape; part ``i`` is ``base[start_i:stop_i]``. The assembled
-  tensor is the base itself: no copy, and each part's gradient is a view of the weight's.
-* ``cols``: the base holds the column blocks one after the other; assembly is ``torch.cat`` along
-  dim 1 (one copy). A block of columns of the original layout is not dense, and fused optimizers
-  mishandle such views, so the parts are not taken from the original layout.
+* ``rows``: the base has the original shape; part ``i`` is ``base[start_i:stop_i]``, so the base
+  *is* the original tensor: no copy, and each part's gradient is a view of the weight's.
+* ``cols``: the base holds the column blocks one after the other. A block of columns of the
+  original layout is not dense, and fused optimizers mishandle such views.
 * ``mask``: the base is 1-D with the elements sorted by region (stable); part ``i`` is a slice of
-  it. Assembly gathers the base into a fresh tensor of shape ``S`` (``index_select`` with ``inv``);
-  the gradient is gathered back with ``perm``.
+  it. ``inv`` gathers the base into the original layout, ``perm`` gathers back.
 
-When the parts stop sharing one storage (a wrapper such as FSDP2 replaced them) or under
-``torch.compile``, assembly uses plain differentiable ops (``torch.cat`` and ``index_select``).
-Every route gives exactly the original values in a contiguous tensor at storage offset 0, so every
-kernel reading it computes bitwise what it computed on the original parameter.
+This module only describes layouts and moves values between the two layouts; keeping the
+original-layout tensor in sync with the parts is ``_assemble``'s job.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +34,15 @@ except ImportError:  # pragma: no cover - torch built without distributed
 
 
 def _has_storage(t: Tensor) -> bool:
-    """Whether ``t`` owns plain storage (not a wrapper subclass such as FSDP2's DTensor)."""
-    return not is_traceable_wrapper_subclass(t)
+    """Whether ``t`` owns plain storage: not a wrapper such as FSDP2's DTensor or a
+    ``torch.func`` transform's tensor."""
+    return not (is_traceable_wrapper_subclass(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+                or t.device.type == "meta")
+
+
+def _sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a wrapper such as FSDP2's DTensor (its storage is not ours)."""
+    return is_traceable_wrapper_subclass(t)
 
 
 def _index_like(index: Tensor, like: Tensor) -> Tensor:
@@ -51,7 +56,10 @@ def _index_like(index: Tensor, like: Tensor) -> Tensor:
 
 @dataclass(eq=False)
 class _Layout:
-    """Immutable description of one split parameter; shared by all modules that own it."""
+    """Description of one split parameter; shared by all modules that own it.
+
+    ``requires_grad`` is the parameter's as the user sees it (``owner.weight.requires_grad_()``
+    changes it); ``cache`` is the original-layout store kept by ``_assemble``."""
 
     kind: str  # "whole", "rows", "cols" or "mask"
     shape: tuple[int, ...]
@@ -60,6 +68,12 @@ class _Layout:
     dim: int = 0
     bounds: list[tuple[int, int]] | None = None
     perm_cpu: Tensor | None = None  # kept only for meta parameters, to rebuild indices later
+    name: str = ""  # the parameter's (first) name in the model
+    digest: str = ""  # identifies the layout (kind, shape, blocks, mask): see _groups
+    cache: Any = field(default=None, repr=False)  # _assemble's store; never copied or pickled
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "cache": None}
 
     @property
     def split(self) -> bool:
@@ -112,29 +126,11 @@ class _Layout:
             at += n
         return True
 
-    # -- assembling ---------------------------------------------------------------------------
+    def flat_base(self, parts: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+        """The 1-D base of linked ``parts``, detached (it shares their version counter)."""
+        return parts[0].detach().as_strided((sum(self.sizes),), (1,), 0)
 
-    def assemble(self, *tensors: Tensor) -> Tensor:
-        """The original tensor, from ``(perm, inv, *parts)`` (mask) or ``(*parts)``."""
-        perm: Tensor | None = None
-        inv: Tensor | None = None
-        parts = tensors
-        if self.kind == "mask":
-            perm, inv, parts = tensors[0], tensors[1], tensors[2:]
-        if torch.compiler.is_compiling():
-            # Compiled kernels do not pick their path by requires_grad, and dynamo cannot return
-            # a tensor marked with requires_grad_(): plain ops only.
-            return self.merge(parts, inv)
-        if self.kind != "cols" and self.linked(parts):
-            out = _AliasAssemble.apply(self, perm, inv, *parts)
-        else:
-            out = self.merge(parts, inv)
-        if self.requires_grad and not out.requires_grad:
-            # Kernels (e.g. MultiheadAttention's) pick their path by requires_grad, even under
-            # no_grad: the assembled tensor must look like the parameter it stands for. A leaf, so
-            # that its views (``weight.t()`` inside ``F.linear``) require grad too.
-            out = out.detach().requires_grad_()
-        return out
+    # -- assembling ---------------------------------------------------------------------------
 
     def merge(self, parts: tuple[Tensor, ...] | list[Tensor], inv: Tensor | None) -> Tensor:
         """The full tensor from per-part tensors (parts, their grads or optimizer state), with
@@ -155,33 +151,6 @@ class _Layout:
             base = base.view(self.shape)
         for p, view in zip(parts, self.views(base)):
             p.data = view
-
-
-class _AliasAssemble(torch.autograd.Function):
-    """Assembly from linked parts: an alias of the base (rows) or one gather (mask)."""
-
-    @staticmethod
-    def forward(ctx, layout: _Layout, perm: Tensor | None, inv: Tensor | None,  # type: ignore[override]
-                *parts: Tensor) -> Tensor:
-        ctx.layout = layout
-        first = parts[0]
-        if layout.kind == "mask":
-            assert perm is not None and inv is not None
-            ctx.save_for_backward(perm)
-            base = first.as_strided((sum(layout.sizes),), (1,), 0)
-            return base.index_select(0, inv).view(layout.shape)
-        return first.as_strided(layout.shape, _contiguous_strides(layout.shape), 0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        layout: _Layout = ctx.layout
-        if layout.kind == "mask":
-            (perm,) = ctx.saved_tensors
-            grads = grad.reshape(-1).index_select(0, perm).split(layout.sizes)
-        else:
-            assert layout.bounds is not None
-            grads = [grad.narrow(layout.dim, a, b - a) for a, b in layout.bounds]
-        return (None, None, None, *grads)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -210,6 +179,7 @@ def _plan(target: _Target) -> tuple[_Layout, list[nn.Parameter], dict[str, Tenso
     param = target.param
     layout = _Layout(target.kind, tuple(param.shape), target.regions, param.requires_grad,
                      target.dim, target.bounds)
+    layout.name, layout.digest = target.name, _digest(layout, target.region_ids)
     if not layout.split:
         return layout, [], {}
     buffers: dict[str, Tensor] = {}
@@ -226,3 +196,12 @@ def _plan(target: _Target) -> tuple[_Layout, list[nn.Parameter], dict[str, Tenso
         for view, region in zip(layout.values(param, perm), layout.regions)
     ]
     return layout, parts, buffers
+
+
+def _digest(layout: _Layout, region_ids: Tensor | None) -> str:
+    """A short fingerprint of where each element of the parameter lives among the parts."""
+    h = hashlib.sha1(repr((layout.kind, layout.shape, layout.dim, layout.bounds,
+                           layout.sizes)).encode())
+    if region_ids is not None:
+        h.update(region_ids.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

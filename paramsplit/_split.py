@@ -9,12 +9,13 @@ from torch import nn
 
 from ._groups import _param_groups
 from ._layout import _plan
-from ._rewrite import _STATE, _rewrite
-from ._spec import Spec, SpecError, _options_label, _resolve
-from ._state import merged_state_dict
+from ._assemble import _STATE, _part_names
+from ._rewrite import _rewrite
+from ._spec import MAX_REGIONS, Spec, SpecError, _options_label, _resolve
 
 
-def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]]:
+def split(model: nn.Module, spec: Spec, *,
+          max_regions: int = MAX_REGIONS) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Split parameters of ``model`` into regions with their own optimizer options.
 
     Returns a new model that computes bitwise what ``model`` computes, and param groups for any
@@ -26,7 +27,8 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
     wildcards over both to a plan: a floating tensor of per-element ``weight_decay``,
     :class:`Regions`, :func:`rows`, :func:`cols`, a dict of options, or :data:`FROZEN`. It may
     also be a callable ``(name, param) -> plan | None``. A bad spec raises :class:`SpecError`
-    naming its key, before anything is done.
+    naming its key, before anything is done. A parameter may have at most ``max_regions``
+    regions (each costs a sub-parameter and, with distinct options, a param group).
 
     Example::
 
@@ -36,10 +38,10 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
         ...                                   (5, None): {"weight_decay": 0.1}})})
         >>> opt = torch.optim.AdamW(groups, lr=1e-3)
     """
-    if any(lay.split for m in model.modules() for lay, _ in getattr(m, _STATE, {}).values()):
+    if any(lay.split for m in model.modules() for lay in getattr(m, _STATE, {}).values()):
         raise SpecError("this model is already split; split paramsplit.merge(model) with the "
                         "new spec instead (merged_optimizer_state carries the optimizer state)")
-    targets = _resolve(model, spec)  # all validation happens here, before any change
+    targets = _resolve(model, spec, max_regions)  # all validation happens here, before any change
 
     owners: dict[int, list[tuple[str, str]]] = {}
     for mname, module in model.named_modules(remove_duplicate=False):
@@ -59,24 +61,7 @@ def split(model: nn.Module, spec: Spec) -> tuple[nn.Module, list[dict[str, Any]]
             plans.setdefault(id(module), (module, {}))[1][attr] = plan
     for module, module_plans in plans.values():
         _rewrite(module, module_plans)
-    if plans and callable(getattr(new, "save_pretrained", None)):
-        _save_merged(new)
     return new, _param_groups(new)
-
-
-def _save_merged(model: nn.Module) -> None:
-    """Make a Hugging Face model's ``save_pretrained`` write the original (merged) weights."""
-    cls = type(model)
-
-    def save_pretrained(self: nn.Module, *args: Any, state_dict: Any = None, **kwargs: Any) -> Any:
-        if state_dict is None:
-            state_dict = merged_state_dict(self)
-        return cls.save_pretrained(self, *args, state_dict=state_dict,  # type: ignore[attr-defined]
-                                   **kwargs)
-
-    model.__class__ = type(cls.__name__, (cls,), {
-        "save_pretrained": save_pretrained, "_paramsplit_class": True,
-        "__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def param_groups(split_model: nn.Module) -> list[dict[str, Any]]:
@@ -94,28 +79,32 @@ def param_groups(split_model: nn.Module) -> list[dict[str, Any]]:
 
 
 def describe(split_model: nn.Module) -> str:
-    """A readable table of every planned parameter: region, elements, options and path.
+    """A readable table of every planned parameter: its parts, regions, elements and options.
 
-    ``path`` is ``fx`` (the owner's forward was rewritten with torch.fx), ``attr`` (the owner's
-    forward reads the parameter as an attribute, which assembles it) or ``-`` (not split).
+    ``part`` is the name of the region's sub-parameter in ``named_parameters()`` (``-`` where the
+    parameter is not split, only given its own group); ``layout`` is ``rows`` (the parts are
+    blocks of the original tensor: no copy), ``cols`` (column blocks: one copy per assembly) or
+    ``mask`` (one gather per assembly).
 
     Example::
 
         >>> print(paramsplit.describe(split_model))
-        parameter  region     elements  options            path
-        0.weight   cols 0:5   5         weight_decay=0.01  fx
-        0.weight   cols 5:10  5         weight_decay=0.1   fx
+        parameter  part       region     elements  options            layout
+        0.weight   weight__0  cols 0:5   5         weight_decay=0.01  cols
+        0.weight   weight__1  cols 5:10  5         weight_decay=0.1   cols
     """
-    rows: list[tuple[str, ...]] = [("parameter", "region", "elements", "options", "path")]
+    rows: list[tuple[str, ...]] = [("parameter", "part", "region", "elements", "options",
+                                    "layout")]
     seen: set[int] = set()  # a tied parameter is listed once, under its first name
     for mname, module in split_model.named_modules():
-        for attr, (layout, path) in getattr(module, _STATE, {}).items():
+        for attr, layout in getattr(module, _STATE, {}).items():
             if id(layout) in seen:
                 continue
             seen.add(id(layout))
             name = f"{mname}.{attr}" if mname else attr
-            for region in layout.regions:
-                rows.append((name, region.label, str(region.numel),
-                             _options_label(region.options), path or "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+            parts = _part_names(attr, layout) if layout.split else ["-"]
+            for part, region in zip(parts, layout.regions):
+                rows.append((name, part, region.label, str(region.numel),
+                             _options_label(region.options), layout.kind))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

@@ -9,28 +9,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._layout import _has_storage, _Layout
-from ._rewrite import _STATE, _part_names
+from ._assemble import _STATE, _index, _part_names, _parts, _tag, _value
+from ._layout import _Layout, _sharded
 
 
 def _split_entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, _Layout]]:
     """``(state-dict prefix, owner, attr, layout)`` for every split parameter, under every name."""
     for prefix, module in model.named_modules(remove_duplicate=False):
-        for attr, (layout, _) in getattr(module, _STATE, {}).items():
+        for attr, layout in getattr(module, _STATE, {}).items():
             if layout.split:
                 yield (f"{prefix}." if prefix else ""), module, attr, layout
-
-
-def _index(module: nn.Module, attr: str, layout: _Layout, which: str) -> torch.Tensor | None:
-    """The ``perm`` or ``inv`` index buffer of a mask layout (``None`` for others)."""
-    return getattr(module, f"{attr}__{which}") if layout.kind == "mask" else None
 
 
 def merged_state_dict(split_model: nn.Module) -> dict[str, Any]:
     """The state dict of ``split_model`` with the original keys and shapes.
 
-    It loads with ``strict=True`` into a fresh, unsplit model (tied parameters keep all their
-    keys, as in the original). Values of split parameters are assembled, detached tensors.
+    This is what ``split_model.state_dict()`` returns, except under FSDP2, where
+    ``state_dict()`` holds the sharded parts and this assembles them. It loads with
+    ``strict=True`` into a fresh, unsplit model (tied parameters keep all their keys).
 
     Example::
 
@@ -42,8 +38,9 @@ def merged_state_dict(split_model: nn.Module) -> dict[str, Any]:
     rest: set[str] = set()
     for prefix, module, attr, layout in _split_entries(split_model):
         names = [prefix + n for n in _part_names(attr, layout)]
-        first[names[0]] = (prefix + attr, getattr(module, attr).detach())
-        rest.update(names[1:])
+        if names[0] in state:  # sharded parts
+            first[names[0]] = (prefix + attr, _value(module, attr))
+            rest.update(names[1:])
     out: dict[str, Any] = {}
     for key, value in state.items():
         if key in first:
@@ -56,9 +53,11 @@ def merged_state_dict(split_model: nn.Module) -> dict[str, Any]:
 
 def load_merged_state_dict(split_model: nn.Module, state_dict: Mapping[str, Any],
                            strict: bool = True) -> Any:
-    """Load an unsplit checkpoint (original keys and shapes) into ``split_model``.
+    """Load an original-format checkpoint (original keys and shapes) into ``split_model``.
 
-    Returns what ``split_model.load_state_dict`` returns. On a model sharded with FSDP2
+    Everything is checked before anything is written: a missing or extra key (with
+    ``strict=True``), a wrong shape or a non-tensor value raises, naming the keys, and leaves the
+    model as it was. Returns what ``load_state_dict`` returns. On a model sharded with FSDP2
     (``fully_shard``), every rank passes the full checkpoint and receives its shards, through
     ``torch.distributed.checkpoint.state_dict.set_model_state_dict``.
 
@@ -66,26 +65,44 @@ def load_merged_state_dict(split_model: nn.Module, state_dict: Mapping[str, Any]
 
         >>> paramsplit.load_merged_state_dict(split_model, torch.load("original.pt"))
     """
+    _check_state_dict(split_model, state_dict, strict)
+    if not any(_sharded(p) for p in split_model.parameters()):
+        return split_model.load_state_dict(state_dict, strict=strict)
     converted = dict(state_dict)
     for prefix, module, attr, layout in _split_entries(split_model):
         key = prefix + attr
-        if key not in converted:
-            continue
-        full = converted.pop(key)
-        if tuple(full.shape) != layout.shape:
-            raise RuntimeError(f"load_merged_state_dict: {key!r} has shape {tuple(full.shape)}, "
-                               f"the model expects {layout.shape}")
-        values = layout.values(full, _index(module, attr, layout, "perm"))
-        converted.update(zip([prefix + n for n in _part_names(attr, layout)], values))
-    if any(not _has_storage(p) for p in split_model.parameters()):  # sharded (DTensor) params
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-        )
+        if key in converted:
+            values = layout.values(converted.pop(key), _index(module, attr, layout, "perm"))
+            converted.update(zip([prefix + n for n in _part_names(attr, layout)], values))
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, strict=strict)
-        return set_model_state_dict(split_model, converted, options=options)
-    return split_model.load_state_dict(converted, strict=strict)
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    return set_model_state_dict(split_model, converted, options=options)
+
+
+def _check_state_dict(split_model: nn.Module, state_dict: Mapping[str, Any], strict: bool) -> None:
+    """Raise, naming the keys, if ``state_dict`` (original format) cannot load fully."""
+    expected = {k: tuple(v.shape) for k, v in merged_state_dict(split_model).items()
+                if isinstance(v, torch.Tensor)}
+    problems = []
+    for key, value in state_dict.items():
+        if key not in expected:
+            continue
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"{key!r} is a {type(value).__name__}, not a tensor")
+        elif tuple(value.shape) != expected[key]:
+            problems.append(f"{key!r} has shape {tuple(value.shape)}, the model expects "
+                            f"{expected[key]}")
+    if strict:
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected
+                      and not k.endswith("_extra_state")]
+        if missing:
+            problems.append(f"missing keys {missing}")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+    if problems:
+        raise RuntimeError("load_merged_state_dict: nothing was loaded: " + "; ".join(problems))
 
 
 def _splits_by_name(model: nn.Module) -> dict[str, tuple[nn.Module, str, _Layout]]:
@@ -98,10 +115,6 @@ def _splits_by_name(model: nn.Module) -> dict[str, tuple[nn.Module, str, _Layout
             seen.add(id(first_part))
             out[prefix + attr] = (module, attr, layout)
     return out
-
-
-def _parts(module: nn.Module, attr: str, layout: _Layout) -> list[nn.Parameter]:
-    return [getattr(module, n) for n in _part_names(attr, layout)]
 
 
 def merged_optimizer_state(optimizer: torch.optim.Optimizer,
@@ -212,35 +225,40 @@ def merge(split_model: nn.Module) -> nn.Module:
     """
     from ._rewrite import _original_class
 
+    merged: dict[int, nn.Parameter] = {}  # by first part: tied owners share one parameter
+    for module in split_model.modules():
+        for attr, layout in getattr(module, _STATE, {}).items():
+            first_part = module._parameters.get(f"{attr}__0")
+            if layout.split and id(first_part) not in merged:
+                merged[id(first_part)] = nn.Parameter(_value(module, attr).clone(),
+                                                      requires_grad=layout.requires_grad)
     memo: dict[int, Any] = {id(t): t for t in split_model.parameters()}
     memo.update({id(t): t for t in split_model.buffers()})
     new = copy.deepcopy(split_model, memo)
-    merged: dict[int, nn.Parameter] = {}
     for module in new.modules():
-        module.__class__ = _original_class(module)
         layouts = module.__dict__.pop(_STATE, None)
+        module.__class__ = _original_class(module)
+        module.__dict__.pop("_paramsplit_override", None)
         if not layouts:
             continue
         params: dict[str, Any] = {}
-        names = {a: _part_names(a, lay) for a, (lay, _) in layouts.items() if lay.split}
+        names = {a: _part_names(a, lay) for a, lay in layouts.items() if lay.split}
         first = {n[0]: a for a, n in names.items()}
         drop = {n for ns in names.values() for n in ns[1:]}
         for name, p in module._parameters.items():
             if name in first:
                 attr = first[name]
-                layout = layouts[attr][0]
-                if id(p) not in merged:
-                    with torch.no_grad():
-                        value = layout.merge(_parts(module, attr, layout),
-                                             _index(module, attr, layout, "inv")).clone()
-                    merged[id(p)] = nn.Parameter(value, requires_grad=layout.requires_grad)
                 params[attr] = merged[id(p)]
             elif name not in drop:
                 params[name] = p
         module.__dict__["_parameters"] = params
         for attr in names:
-            if layouts[attr][0].kind == "mask":
+            if layouts[attr].kind == "mask":
                 for which in ("perm", "inv"):
                     module._buffers.pop(f"{attr}__{which}", None)
                     module._non_persistent_buffers_set.discard(f"{attr}__{which}")
+        if hasattr(module, "_init_flat_weights"):
+            module._init_flat_weights()
+    for module in split_model.modules():
+        _tag(module)  # the copy's owners tagged the shared parts with their own layouts
     return new

@@ -1,0 +1,313 @@
+"""Assembly: the tensor ``owner.weight`` returns, kept in sync with the parts.
+
+The original-layout values of a split parameter live in one *store* tensor:
+
+* ``rows``: the store is the parts' own base. Parts and store are one memory: always in sync,
+  no copy, and any write through ``owner.weight`` lands in the parts.
+* ``cols`` and masks: the store is a tensor of its own. At every use (``owner.weight``, the
+  owner's forward, ``state_dict``, ``.to()``...) it is refreshed from the parts if they changed
+  (the optimizer stepped: version counters, and an optimizer-step hook for fused optimizers,
+  which bump none), or written back into the parts if *it* was written (``nn.init``, ``.data``,
+  ``Embedding(max_norm=...)``'s renormalisation, ``load_state_dict``...). Written on both sides
+  since the last use is ambiguous and raises. Nothing changed: nothing is copied (eval loops,
+  ``generate``).
+
+``owner.weight`` is a :class:`_Full`, an alias of the store (shared storage and version counter,
+so its writes are seen): in grad mode the output of :class:`_Route`, whose backward hands each
+part its share of the gradient; otherwise a leaf carrying the parameter's ``requires_grad`` (some
+kernels, e.g. ``MultiheadAttention``'s, pick their path by it even under ``no_grad``). It is a
+plain, contiguous tensor at storage offset 0 to every kernel (bitwise results), and answers
+``.grad``, ``.data`` and ``requires_grad_()`` like the parameter it stands for.
+
+Under ``torch.compile``, ``torch.func`` transforms of the parts, or FSDP2 (parts sharded),
+assembly is a plain differentiable ``torch.cat`` / ``index_select`` of the parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._layout import _contiguous_strides, _has_storage, _Layout
+
+#: Attribute on each owner: {attr: layout} for every planned parameter (split or not).
+_STATE = "_paramsplit"
+#: Attribute on each part: (layout, region index); see _tag.
+_PART = "_paramsplit_part"
+
+
+def _part_names(attr: str, layout: _Layout) -> list[str]:
+    return [f"{attr}__{i}" for i in range(len(layout.regions))]
+
+
+def _parts(module: nn.Module, attr: str, layout: _Layout) -> list[Tensor]:
+    return [module._parameters[n] for n in _part_names(attr, layout)]  # type: ignore[misc]
+
+
+def _index(module: nn.Module, attr: str, layout: _Layout, which: str) -> Tensor | None:
+    """The ``perm`` or ``inv`` index buffer of a mask layout (``None`` for others)."""
+    return module._buffers[f"{attr}__{which}"] if layout.kind == "mask" else None
+
+
+def _layout(module: nn.Module, attr: str) -> _Layout:
+    return getattr(module, _STATE)[attr]
+
+
+@dataclass
+class _Cache:
+    store: Tensor
+    key: tuple[Any, ...]  # the parts' storage, dtype and device the store was built for
+    store_version: int
+    parts_version: tuple[int, ...]
+    stepped: bool = False  # an optimizer holding the parts stepped since the last sync
+
+
+def _plain(layout: _Layout, parts: list[Tensor]) -> bool:
+    """Whether the store can serve ``parts``: they are the parts paramsplit made (tagged; not,
+    say, FSDP2's unsharded copies, which it refills without bumping version counters, nor
+    ``functional_call``'s stand-ins), they own plain storage, and we are not compiling."""
+    return not torch.compiler.is_compiling() and all(
+        getattr(p, _PART, (None,))[0] is layout and _has_storage(p) for p in parts)
+
+
+def _sync(module: nn.Module, attr: str) -> Tensor:
+    """The store of ``module.<attr>``, up to date with the parts (see the module docstring)."""
+    layout = _layout(module, attr)
+    parts = _parts(module, attr, layout)
+    if not layout.linked(tuple(parts)):  # e.g. after copy.deepcopy or pickling: one base again
+        layout.cache = None
+        layout.relink(parts)
+    c: _Cache | None = layout.cache
+    first = parts[0]
+    key = (first.untyped_storage().data_ptr(), first.dtype, first.device)
+    versions = tuple(p._version for p in parts)
+    if c is None or c.key != key:
+        if layout.kind == "rows":
+            store = first.detach().as_strided(layout.shape, _contiguous_strides(layout.shape), 0)
+        else:
+            with torch.no_grad():
+                store = layout.merge(parts, _index(module, attr, layout, "inv")).detach()
+        c = layout.cache = _Cache(store, key, store._version, versions)
+        return store
+    if layout.kind == "rows":
+        return c.store
+    written = c.store._version != c.store_version
+    stepped = c.stepped or versions != c.parts_version
+    if written and stepped:
+        layout.cache = None
+        raise RuntimeError(
+            f"paramsplit: {type(module).__name__}.{attr} was written (through the tensor "
+            f"`{attr}` returned) after its parts changed (an optimizer step, or a write to a "
+            f"part) and before it was read again: the two writes cannot be merged. Read "
+            f"`module.{attr}` again after each optimizer step before writing to it.")
+    with torch.no_grad():
+        if stepped:
+            _gather_into(layout, parts, _index(module, attr, layout, "inv"), c.store)
+        elif written:
+            _scatter_from(layout, parts, _index(module, attr, layout, "perm"), c.store)
+    c.store_version, c.parts_version, c.stepped = c.store._version, tuple(
+        p._version for p in parts), False
+    return c.store
+
+
+def _gather_into(layout: _Layout, parts: list[Tensor], inv: Tensor | None, store: Tensor) -> None:
+    """``store`` = the parts, in the original layout."""
+    if layout.kind == "cols":
+        torch.cat(parts, layout.dim, out=store)
+    else:
+        assert inv is not None
+        torch.index_select(layout.flat_base(parts), 0, inv, out=store.view(-1))
+
+
+def _scatter_from(layout: _Layout, parts: list[Tensor], perm: Tensor | None,
+                  store: Tensor) -> None:
+    """The parts = ``store``'s values."""
+    if layout.kind == "cols":
+        assert layout.bounds is not None
+        for p, (a, b) in zip(parts, layout.bounds):
+            p.copy_(store.narrow(layout.dim, a, b - a))
+    else:
+        assert perm is not None
+        torch.index_select(store.reshape(-1), 0, perm, out=layout.flat_base(parts))
+
+
+# -- the tensor owner.weight returns ------------------------------------------------------------
+
+
+class _Full(torch.Tensor):
+    """``owner.<attr>`` of a split parameter: the original tensor, assembled from its parts.
+
+    To kernels a plain tensor. ``.grad`` is the parts' gradient in the original layout,
+    ``.data`` a detached alias whose writes land in the parts, and ``requires_grad_()``
+    freezes or unfreezes the parameter's trainable regions.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    _paramsplit_owner: tuple[nn.Module, str]
+
+    @property  # type: ignore[override]
+    def grad(self) -> Tensor | None:
+        module, attr = self._paramsplit_owner
+        layout = _layout(module, attr)
+        parts = _parts(module, attr, layout)
+        grads = [p.grad for p in parts]
+        if all(g is None for g in grads):
+            return None
+        like = next(g for g in grads if g is not None)
+        full = [g if g is not None else torch.zeros(p.shape, dtype=like.dtype, device=like.device)
+                for g, p in zip(grads, parts)]
+        return layout.merge(full, _index(module, attr, layout, "inv"))
+
+    @grad.setter
+    def grad(self, value: Tensor | None) -> None:
+        module, attr = self._paramsplit_owner
+        layout = _layout(module, attr)
+        parts = _parts(module, attr, layout)
+        values = [None] * len(parts) if value is None else [
+            v.clone() for v in layout.values(value, _index(module, attr, layout, "perm"))]
+        for p, v, region in zip(parts, values, layout.regions):
+            if region.options is not None:
+                p.grad = v
+
+    @property  # type: ignore[override]
+    def data(self) -> Tensor:
+        return self.detach()  # shares the store's version counter: a write through it is seen
+
+    @data.setter
+    def data(self, value: Tensor) -> None:
+        module, attr = self._paramsplit_owner
+        layout = _layout(module, attr)
+        if not isinstance(value, Tensor) or tuple(value.shape) != layout.shape \
+                or value.dtype != self.dtype or value.device != self.device:
+            raise RuntimeError(
+                f"paramsplit: {type(module).__name__}.{attr}.data can only be set to a tensor of "
+                f"its shape {layout.shape}, dtype {self.dtype} and device {self.device} (its "
+                f"values are copied into the parts); got "
+                f"{_describe(value)}. To change shape or dtype, paramsplit.merge the model first.")
+        with torch.no_grad():
+            self.detach().copy_(value)
+
+    @property  # type: ignore[override]
+    def requires_grad(self) -> bool:
+        return torch._C.TensorBase.requires_grad.__get__(self)  # type: ignore[attr-defined]
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self.requires_grad_(value)
+
+    def requires_grad_(self, requires_grad: bool = True) -> _Full:  # type: ignore[override]
+        module, attr = self._paramsplit_owner
+        _set_requires_grad(module, attr, requires_grad)
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # pickled or deep-copied on its own: a tensor
+        return torch.Tensor.__reduce_ex__(self.detach().clone(), protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tensor:
+        return self.detach().clone()
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"shape {tuple(value.shape)}, dtype {value.dtype}, device {value.device}"
+    return type(value).__name__
+
+
+def _set_requires_grad(module: nn.Module, attr: str, flag: bool) -> None:
+    layout = _layout(module, attr)
+    layout.requires_grad = flag
+    for p, region in zip(_parts(module, attr, layout), layout.regions):
+        if region.options is not None:
+            p.requires_grad_(flag)
+
+
+def _wants_grad(layout: _Layout, parts: list[Tensor]) -> bool:
+    """The assembled tensor's ``requires_grad``: any part trains; or all are FROZEN and the
+    parameter required grad (kernels must see the tensor the original model had)."""
+    trainable = False
+    for p, region in zip(parts, layout.regions):
+        if region.options is None:
+            if p.requires_grad:  # FROZEN stays frozen, e.g. after model.requires_grad_(True)
+                p.requires_grad_(False)
+        elif p.requires_grad:
+            trainable = True
+    if any(r.options is not None for r in layout.regions):
+        return trainable
+    return layout.requires_grad
+
+
+def _alias(store: Tensor, owner: tuple[nn.Module, str], requires_grad: bool) -> _Full:
+    out = torch.Tensor._make_subclass(_Full, store, requires_grad)
+    out._paramsplit_owner = owner
+    return out  # type: ignore[return-value]
+
+
+def _value(module: nn.Module, attr: str) -> Tensor:
+    """The current value of ``module.<attr>``: a detached plain tensor (no copy where it can)."""
+    layout = _layout(module, attr)
+    parts = _parts(module, attr, layout)
+    if _plain(layout, parts):
+        return _sync(module, attr).detach()
+    with torch.no_grad():
+        return layout.merge(parts, _index(module, attr, layout, "inv"))
+
+
+def _assembled(module: nn.Module, attr: str) -> Tensor:
+    """``module.<attr>`` of a split parameter."""
+    layout = _layout(module, attr)
+    parts = _parts(module, attr, layout)
+    wants = _wants_grad(layout, parts)
+    if not _plain(layout, parts):
+        out = layout.merge(parts, _index(module, attr, layout, "inv"))
+        if wants and not out.requires_grad and not torch.compiler.is_compiling():
+            out = out.detach().requires_grad_()  # under no_grad: look like the parameter
+        return out
+    store = _sync(module, attr)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+        return _Route.apply(layout, (module, attr), store, *parts)  # type: ignore[no-any-return]
+    return _alias(store, (module, attr), wants)
+
+
+class _Route(torch.autograd.Function):
+    """An alias of the store whose gradient is handed to the parts."""
+
+    @staticmethod
+    def forward(ctx: Any, layout: _Layout, owner: tuple[nn.Module, str],  # type: ignore[override]
+                store: Tensor, *parts: Tensor) -> Tensor:
+        ctx.layout, ctx.owner = layout, owner
+        ctx.perm = _index(*owner, layout, "perm")
+        return _alias(store, owner, False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        layout: _Layout = ctx.layout
+        if layout.kind != "rows":
+            _sync(*ctx.owner)  # a write during the forward (max_norm) reaches the parts first
+        if layout.kind == "mask":
+            grads: list[Tensor | None] = list(
+                grad.reshape(-1).index_select(0, ctx.perm).split(layout.sizes))
+        else:
+            assert layout.bounds is not None
+            grads = [grad.narrow(layout.dim, a, b - a) for a, b in layout.bounds]
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[3:])]
+        return (None, None, None, *grads)
+
+
+def _tag(module: nn.Module) -> None:
+    """Mark ``module``'s parts with their layout and region (parameter objects get replaced by
+    deepcopy, pickling and FSDP2, so every place that finds new ones calls this)."""
+    for attr, layout in getattr(module, _STATE, {}).items():
+        if layout.split:
+            for i, p in enumerate(_parts(module, attr, layout)):
+                setattr(p, _PART, (layout, i))
+
+
+def _mark_stepped(params: Any) -> None:
+    """Tell the stores of split parameters among ``params`` that their parts were stepped."""
+    for p in params:
+        tag = getattr(p, _PART, None)
+        if tag is not None and tag[0].cache is not None:
+            tag[0].cache.stepped = True
