@@ -65,11 +65,17 @@ class _Cache:
     stepped: bool = False  # an optimizer holding the parts stepped since the last sync
 
 
+def _traced() -> bool:
+    """Under ``torch.compile`` or a ``torch.func`` transform: plain differentiable ops only."""
+    return torch.compiler.is_compiling() or \
+        torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _plain(layout: _Layout, parts: list[Tensor]) -> bool:
     """Whether the store can serve ``parts``: they are the parts paramsplit made (tagged; not,
     say, FSDP2's unsharded copies, which it refills without bumping version counters, nor
-    ``functional_call``'s stand-ins), they own plain storage, and we are not compiling."""
-    return not torch.compiler.is_compiling() and all(
+    ``functional_call``'s stand-ins), they own plain storage, and nothing is tracing."""
+    return not _traced() and all(
         getattr(p, _PART, (None,))[0] is layout and _has_storage(p) for p in parts)
 
 
@@ -224,13 +230,13 @@ def _set_requires_grad(module: nn.Module, attr: str, flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def _wants_grad(layout: _Layout, parts: list[Tensor]) -> bool:
+def _wants_grad(layout: _Layout, parts: list[Tensor], ours: bool) -> bool:
     """The assembled tensor's ``requires_grad``: any part trains; or all are FROZEN and the
     parameter required grad (kernels must see the tensor the original model had)."""
     trainable = False
     for p, region in zip(parts, layout.regions):
         if region.options is None:
-            if p.requires_grad:  # FROZEN stays frozen, e.g. after model.requires_grad_(True)
+            if ours and p.requires_grad:  # FROZEN stays so, e.g. after model.requires_grad_()
                 p.requires_grad_(False)
         elif p.requires_grad:
             trainable = True
@@ -259,10 +265,11 @@ def _assembled(module: nn.Module, attr: str) -> Tensor:
     """``module.<attr>`` of a split parameter."""
     layout = _layout(module, attr)
     parts = _parts(module, attr, layout)
-    wants = _wants_grad(layout, parts)
-    if not _plain(layout, parts):
+    plain = _plain(layout, parts)
+    wants = _wants_grad(layout, parts, plain)
+    if not plain:
         out = layout.merge(parts, _index(module, attr, layout, "inv"))
-        if wants and not out.requires_grad and not torch.compiler.is_compiling():
+        if wants and not out.requires_grad and not _traced():
             out = out.detach().requires_grad_()  # under no_grad: look like the parameter
         return out
     store = _sync(module, attr)
