@@ -52,8 +52,14 @@ def _index(module: nn.Module, attr: str, layout: _Layout, which: str) -> Tensor 
     return module._buffers[f"{attr}__{which}"] if layout.kind == "mask" else None
 
 
+def _layouts(module: nn.Module) -> dict[str, _Layout]:
+    """``{attr: layout}`` of ``module``'s own planned parameters (never a wrapped module's, which
+    wrappers such as PEFT's forward attribute reads to)."""
+    return module.__dict__.get(_STATE, {})  # type: ignore[no-any-return]
+
+
 def _layout(module: nn.Module, attr: str) -> _Layout:
-    return getattr(module, _STATE)[attr]
+    return _layouts(module)[attr]
 
 
 @dataclass
@@ -306,7 +312,7 @@ class _Route(torch.autograd.Function):
 def _tag(module: nn.Module) -> None:
     """Mark ``module``'s parts with their layout and region (parameter objects get replaced by
     deepcopy, pickling and FSDP2, so every place that finds new ones calls this)."""
-    for attr, layout in getattr(module, _STATE, {}).items():
+    for attr, layout in _layouts(module).items():
         if layout.split:
             for i, p in enumerate(_parts(module, attr, layout)):
                 setattr(p, _PART, (layout, i))

@@ -28,7 +28,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from ._assemble import _PART, _STATE, _mark_stepped, _part_names, _tag
+from ._assemble import _PART, _layouts, _mark_stepped, _part_names, _tag
 from ._spec import _options_key, _options_label
 
 _LAYOUT_KEY = "paramsplit_layout"
@@ -39,7 +39,7 @@ def _options_by_param(model: nn.Module) -> dict[int, dict[str, Any] | None]:
     found: dict[int, dict[str, Any] | None] = {}
     for module in model.modules():
         _tag(module)
-        for attr, layout in getattr(module, _STATE, {}).items():
+        for attr, layout in _layouts(module).items():
             if layout.split:
                 names = _part_names(attr, layout)
                 for name, region in zip(names, layout.regions):

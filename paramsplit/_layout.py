@@ -141,7 +141,7 @@ class _Layout:
             return flat.index_select(0, _index_like(inv, flat)).view(self.shape)
         return torch.cat(list(parts), self.dim)
 
-    def relink(self, parts: list[nn.Parameter]) -> None:
+    def relink(self, parts: list[Tensor]) -> None:
         """Make ``parts`` views of one fresh base again (after ``module.to()`` and friends)."""
         if not all(_has_storage(p) for p in parts) or self.linked(tuple(parts)):
             return  # sharded (FSDP2 owns the storage of DTensor parts), or linked already

@@ -29,6 +29,7 @@ from torch import nn
 
 from ._assemble import (
     _STATE,
+    _layouts,
     _assembled,
     _Full,
     _index,
@@ -43,7 +44,7 @@ from ._layout import _indices, _Layout, _sharded
 
 
 def _splits(module: nn.Module) -> dict[str, _Layout]:
-    return {a: lay for a, lay in getattr(module, _STATE, {}).items() if lay.split}
+    return {a: lay for a, lay in _layouts(module).items() if lay.split}
 
 
 def _get(module: nn.Module, attr: str) -> Any:
@@ -56,7 +57,7 @@ def _get(module: nn.Module, attr: str) -> Any:
 def _set(module: nn.Module, value: Any, attr: str) -> None:
     override = module.__dict__.setdefault("_paramsplit_override", {})
     if isinstance(value, _Full) and value._paramsplit_owner[1] == attr and \
-            getattr(value._paramsplit_owner[0], _STATE)[attr] is getattr(module, _STATE)[attr]:
+            _layouts(value._paramsplit_owner[0]).get(attr) is _layouts(module)[attr]:
         override.pop(attr, None)  # the split tensor itself (functional_call restoring it)
         return
     caller = sys._getframe(2).f_code.co_filename
@@ -72,7 +73,7 @@ def _set(module: nn.Module, value: Any, attr: str) -> None:
 
 def _rebuild(cls: type, attrs: tuple[str, ...]) -> nn.Module:
     """Unpickling: an empty instance of the split class (its state is set next)."""
-    obj = cls.__new__(cls)
+    obj = cls.__new__(cls)  # type: ignore[call-overload]
     obj.__class__ = _split_class(cls, list(attrs))
     return obj  # type: ignore[no-any-return]
 
@@ -84,7 +85,7 @@ def _split_class(cls: type, attrs: list[str]) -> type:
         if name in attrs:
             _set(self, value, name)
         else:
-            cls.__setattr__(self, name, value)
+            cls.__setattr__(self, name, value)  # type: ignore[call-arg, arg-type]
 
     def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
         layouts = _splits(self)
@@ -240,7 +241,7 @@ def _rewrite(module: nn.Module,
     for attr, (_, _, buffers) in plans.items():
         for suffix, t in buffers.items():
             module.register_buffer(f"{attr}__{suffix}", t, persistent=False)
-    state = dict(getattr(module, _STATE, {}))
+    state = dict(_layouts(module))
     state.update({a: lay for a, (lay, _, _) in plans.items()})
     object.__setattr__(module, _STATE, state)
     if split:

@@ -176,7 +176,7 @@ def _number(key: str, where: str, what: str, v: Any, rng: str) -> Any:
     if not isinstance(x, numbers.Real) or isinstance(x, bool):
         got = f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else repr(v)
         raise _fail(key, f"{where}: {what} must be a number, got {got}")
-    if not (math.isfinite(x) and _RANGES[rng](x)):
+    if not (math.isfinite(float(x)) and _RANGES[rng](float(x))):
         raise _fail(key, f"{where}: {what} must be {rng}, got {v!r}")
     return v if isinstance(v, torch.Tensor) or not hasattr(v, "item") else v.item()
 

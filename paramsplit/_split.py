@@ -9,7 +9,7 @@ from torch import nn
 
 from ._groups import _param_groups
 from ._layout import _plan
-from ._assemble import _STATE, _part_names
+from ._assemble import _layouts, _part_names
 from ._rewrite import _rewrite
 from ._spec import MAX_REGIONS, Spec, SpecError, _options_label, _resolve
 
@@ -38,7 +38,7 @@ def split(model: nn.Module, spec: Spec, *,
         ...                                   (5, None): {"weight_decay": 0.1}})})
         >>> opt = torch.optim.AdamW(groups, lr=1e-3)
     """
-    if any(lay.split for m in model.modules() for lay in getattr(m, _STATE, {}).values()):
+    if any(lay.split for m in model.modules() for lay in _layouts(m).values()):
         raise SpecError("this model is already split; split paramsplit.merge(model) with the "
                         "new spec instead (merged_optimizer_state carries the optimizer state)")
     targets = _resolve(model, spec, max_regions)  # all validation happens here, before any change
@@ -97,7 +97,7 @@ def describe(split_model: nn.Module) -> str:
                                     "layout")]
     seen: set[int] = set()  # a tied parameter is listed once, under its first name
     for mname, module in split_model.named_modules():
-        for attr, layout in getattr(module, _STATE, {}).items():
+        for attr, layout in _layouts(module).items():
             if id(layout) in seen:
                 continue
             seen.add(id(layout))

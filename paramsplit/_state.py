@@ -9,14 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._assemble import _STATE, _index, _part_names, _parts, _tag, _value
+from ._assemble import _STATE, _index, _layouts, _part_names, _parts, _tag, _value
 from ._layout import _Layout, _sharded
 
 
 def _split_entries(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, _Layout]]:
     """``(state-dict prefix, owner, attr, layout)`` for every split parameter, under every name."""
     for prefix, module in model.named_modules(remove_duplicate=False):
-        for attr, layout in getattr(module, _STATE, {}).items():
+        for attr, layout in _layouts(module).items():
             if layout.split:
                 yield (f"{prefix}." if prefix else ""), module, attr, layout
 
@@ -227,7 +227,7 @@ def merge(split_model: nn.Module) -> nn.Module:
 
     merged: dict[int, nn.Parameter] = {}  # by first part: tied owners share one parameter
     for module in split_model.modules():
-        for attr, layout in getattr(module, _STATE, {}).items():
+        for attr, layout in _layouts(module).items():
             first_part = module._parameters.get(f"{attr}__0")
             if layout.split and id(first_part) not in merged:
                 merged[id(first_part)] = nn.Parameter(_value(module, attr).clone(),
@@ -258,7 +258,7 @@ def merge(split_model: nn.Module) -> nn.Module:
                     module._buffers.pop(f"{attr}__{which}", None)
                     module._non_persistent_buffers_set.discard(f"{attr}__{which}")
         if hasattr(module, "_init_flat_weights"):
-            module._init_flat_weights()
+            module._init_flat_weights()  # type: ignore[operator]
     for module in split_model.modules():
         _tag(module)  # the copy's owners tagged the shared parts with their own layouts
     return new
