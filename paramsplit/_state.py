@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -175,7 +176,9 @@ def load_merged_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Modu
 
     ``model`` may be split differently from (or not at all like) the run the state comes from:
     every element gets its own state back. Parameters the optimizer does not hold (FROZEN parts)
-    are skipped.
+    are skipped. Everything is checked first (names, and every value: a per-element tensor of
+    the parameter's shape and dtype, or a scalar); an error names the parameter and key and
+    loads nothing.
 
     Example::
 
@@ -184,27 +187,46 @@ def load_merged_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Modu
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     splits = _splits_by_name(model)
     plain = dict(model.named_parameters())
+    loads: list[tuple[Any, dict[str, Any]]] = []
     for name, values in state.items():
         if name in splits:
             module, attr, layout = splits[name]
             parts = _parts(module, attr, layout)
-            perm = _index(module, attr, layout, "perm")
-            per_part: list[dict[str, Any]] = [{} for _ in parts]
-            for key, v in values.items():
-                if isinstance(v, torch.Tensor) and tuple(v.shape) == layout.shape and v.dim() > 0:
-                    pieces = [t.clone() for t in layout.values(v, perm)]
-                else:
-                    pieces = [_copy(v) for _ in parts]
-                for d, piece in zip(per_part, pieces):
-                    d[key] = piece
-            targets = list(zip(parts, per_part))
+            shape, dtype = layout.shape, parts[0].dtype
         elif name in plain:
-            targets = [(plain[name], {k: _copy(v) for k, v in values.items()})]
+            parts, shape, dtype = [plain[name]], tuple(plain[name].shape), plain[name].dtype
         else:
-            raise KeyError(f"load_merged_optimizer_state: the model has no parameter {name!r}")
-        for p, s in targets:
-            if id(p) in held:
-                optimizer.state[p] = s
+            close = difflib.get_close_matches(name, list(splits) + list(plain), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise KeyError(f"load_merged_optimizer_state: the model has no parameter "
+                           f"{name!r}{hint}; nothing was loaded")
+        if not isinstance(values, Mapping):
+            raise TypeError(f"load_merged_optimizer_state: state[{name!r}] must be a dict, got "
+                            f"{type(values).__name__}; nothing was loaded")
+        per_part: list[dict[str, Any]] = [{} for _ in parts]
+        for key, v in values.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                if tuple(v.shape) != shape or v.dtype != dtype:
+                    raise ValueError(
+                        f"load_merged_optimizer_state: state[{name!r}][{key!r}] has shape "
+                        f"{tuple(v.shape)} and dtype {v.dtype}; the parameter has shape {shape} "
+                        f"and dtype {dtype}; nothing was loaded")
+                v = v.to(parts[0].device)
+                if name in splits:
+                    pieces = [t.clone() for t in layout.values(v, _index(module, attr, layout,
+                                                                          "perm"))]
+                else:
+                    pieces = [v.detach().clone()]
+            elif isinstance(v, (torch.Tensor, int, float)) and not isinstance(v, bool):
+                pieces = [_copy(v) for _ in parts]
+            else:
+                raise TypeError(f"load_merged_optimizer_state: state[{name!r}][{key!r}] is a "
+                                f"{type(v).__name__}, not a tensor or number; nothing was loaded")
+            for d, piece in zip(per_part, pieces):
+                d[key] = piece
+        loads += [(p, d) for p, d in zip(parts, per_part) if id(p) in held]
+    for p, d in loads:
+        optimizer.state[p] = d
 
 
 def _copy(value: Any) -> Any:
