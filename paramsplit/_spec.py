@@ -277,7 +277,34 @@ def _mask_target(key: str, name: str, param: nn.Parameter, ids: torch.Tensor,
         regions = [regions[i] for i in keep]
     if len(regions) <= 1:
         return _whole(key, name, param, regions[0] if regions else _Region("all", {}, 0))
-    return _Target(key, name, param, "mask", regions, region_ids=flat)
+    return _as_blocks(key, name, param, flat, regions) or \
+        _Target(key, name, param, "mask", regions, region_ids=flat)
+
+
+def _as_blocks(key: str, name: str, param: nn.Parameter, flat: torch.Tensor,
+               regions: list[_Region]) -> _Target | None:
+    """The rows or cols target equal to a mask whose every region is one block of whole rows
+    (or columns), or ``None``: the same parts and groups, without a gather (rows: no copy)."""
+    shape = tuple(param.shape)
+    for dim in (0, 1):
+        if len(shape) <= dim or shape[dim] < 2:
+            continue
+        ids = flat.view(shape[:1] + (-1,)) if dim == 0 else \
+            flat.view(shape[0], shape[1], -1).transpose(0, 1).reshape(shape[1], -1)
+        line = ids[:, 0]
+        if not bool((ids == line[:, None]).all()):
+            continue
+        starts = [0] + (torch.nonzero(line[1:] != line[:-1]).flatten() + 1).tolist()
+        if len(starts) != len(regions):  # a region in several blocks: keep the mask
+            return None
+        bounds = list(zip(starts, starts[1:] + [shape[dim]]))
+        ids_of = line[starts].tolist()
+        which = "rows" if dim == 0 else "cols"
+        per_slice = param.numel() // shape[dim]
+        blocks = [_Region(f"{which} {a}:{b} ({regions[i].label})", regions[i].options,
+                          (b - a) * per_slice) for (a, b), i in zip(bounds, ids_of)]
+        return _Target(key, name, param, which, blocks, dim=dim, bounds=bounds)
+    return None
 
 
 def _whole(key: str, name: str, param: nn.Parameter, region: _Region) -> _Target:

@@ -426,3 +426,39 @@ def test_parameter_read_outside_its_owner_forward(kind):
     grad = _merged_grad(split_model, "emb.weight")
     assert torch.equal(grad[~frozen], model.emb.weight.grad[~frozen])
     assert torch.all(grad[frozen] == 0)
+
+
+@pytest.mark.parametrize("which", ["forum-cols", "rows", "cols-3"])
+def test_masks_that_are_blocks_take_the_block_layout_and_train_like_the_mask_path(
+        which, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 1))
+    mask = torch.zeros(6, 10, dtype=torch.long)
+    if which == "forum-cols":  # the forum question: mask[:, :5] = 1
+        mask[:, :5] = 1
+    elif which == "rows":  # freeze the first rows
+        mask[:2] = 1
+    else:
+        mask[:, 3:7], mask[:, 7:] = 1, 2
+    plan = Regions(mask, {0: {"weight_decay": 0.1}, 1: FROZEN if which == "rows" else
+                          {"weight_decay": 0.01}, 2: {"lr": 0.05}})
+    split_model, groups = paramsplit.split(model, {"0": plan})
+    layout = "rows" if which == "rows" else "cols"
+    table = paramsplit.describe(split_model).splitlines()
+    assert all(r.endswith(layout) for r in table[1:] if r.startswith("0.weight")), table
+    monkeypatch.setattr(paramsplit._spec, "_as_blocks", lambda *a: None)
+    mask_model, mask_groups = paramsplit.split(model, {"0": plan})
+    assert "mask" in paramsplit.describe(mask_model)
+    assert [g["name"] for g in groups] == [g["name"] for g in mask_groups]
+    opts = [torch.optim.AdamW(g, lr=1e-2) for g in (groups, mask_groups)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, 10, generator=g)
+        for m, opt in zip((split_model, mask_model), opts):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    a, b = split_model.state_dict(), mask_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    if which == "rows":
+        assert split_model[0].weight.data_ptr() == split_model[0].weight__0.data_ptr()

@@ -72,10 +72,8 @@ def test_state_dict_has_the_original_keys_and_loads_strict_both_ways(kind):
 def test_checkpoint_of_another_mask_loads_by_position_not_by_part():
     """Two masks with equal region sizes: the weights land where they belong."""
     model = _linear()
-    a = torch.zeros(9, 12, dtype=torch.long)
-    a[:, :6] = 1
-    b = torch.zeros(9, 12, dtype=torch.long)
-    b[:, 6:] = 1
+    a = (torch.arange(9)[:, None] + torch.arange(12)) % 2  # scattered: the mask layout
+    b = 1 - a
     opts = {0: {"weight_decay": 0.0}, 1: {"weight_decay": 0.1}}
     sm_a, _ = paramsplit.split(model, {"0": Regions(a, opts)})
     sm_b, _ = paramsplit.split(_linear(seed=1), {"0": Regions(b, opts)})
@@ -97,10 +95,8 @@ def test_old_part_keys_are_refused_not_loaded():
 
 def test_optimizer_state_of_another_layout_is_refused():
     model = _linear()
-    a = torch.zeros(9, 12, dtype=torch.long)
-    a[:, :6] = 1
-    b = torch.zeros(9, 12, dtype=torch.long)
-    b[:, 6:] = 1
+    a = (torch.arange(9)[:, None] + torch.arange(12)) % 2  # scattered: the mask layout
+    b = 1 - a
     opts = {0: {"weight_decay": 0.0}, 1: {"weight_decay": 0.1}}
     sm_a, groups_a = paramsplit.split(model, {"0": Regions(a, opts)})
     opt_a = torch.optim.AdamW(groups_a, lr=1e-2)
