@@ -48,7 +48,10 @@ def _parts(module: nn.Module, attr: str, layout: _Layout) -> list[Tensor]:
 
 
 def _index(module: nn.Module, attr: str, layout: _Layout, which: str) -> Tensor | None:
-    """The ``perm`` or ``inv`` index buffer of a mask layout (``None`` for others)."""
+    """The ``perm`` (to the parts) or ``inv`` (to the original layout) index of a mask layout;
+    ``sparse`` has one index, ``perm``, the trained elements' positions, for both ways."""
+    if layout.kind == "sparse":
+        return module._buffers[f"{attr}__perm"]
     return module._buffers[f"{attr}__{which}"] if layout.kind == "mask" else None
 
 
@@ -95,10 +98,14 @@ def _sync(module: nn.Module, attr: str) -> Tensor:
     c: _Cache | None = layout.cache
     first = parts[0]
     key = (first.untyped_storage().data_ptr(), first.dtype, first.device)
-    versions = tuple(p._version for p in parts)
+    versions = tuple(p._version for p in layout.linked_of(parts))
     if c is None or c.key != key:
         if layout.kind == "rows":
             store = first.detach().as_strided(layout.shape, _contiguous_strides(layout.shape), 0)
+        elif layout.kind == "sparse":  # the held FROZEN part is the original-layout tensor
+            store = parts[layout.held].detach()
+            with torch.no_grad():
+                _gather_into(layout, parts, _index(module, attr, layout, "perm"), store)
         else:
             with torch.no_grad():
                 store = layout.merge(parts, _index(module, attr, layout, "inv")).detach()
@@ -108,6 +115,10 @@ def _sync(module: nn.Module, attr: str) -> Tensor:
         return c.store
     written = c.store._version != c.store_version
     stepped = c.stepped or versions != c.parts_version
+    perm = _index(module, attr, layout, "perm")
+    if written and stepped and torch.equal(layout.base_from(c.store, perm),
+                                           layout.flat_base(parts)):
+        written = stepped = False  # both written alike (a load, DDP's broadcast, an EMA copy)
     if written and stepped:
         layout.cache = None
         raise RuntimeError(
@@ -119,9 +130,9 @@ def _sync(module: nn.Module, attr: str) -> Tensor:
         if stepped:
             _gather_into(layout, parts, _index(module, attr, layout, "inv"), c.store)
         elif written:
-            _scatter_from(layout, parts, _index(module, attr, layout, "perm"), c.store)
+            _scatter_from(layout, parts, perm, c.store)
     c.store_version, c.parts_version, c.stepped = c.store._version, tuple(
-        p._version for p in parts), False
+        p._version for p in layout.linked_of(parts)), False
     return c.store
 
 
@@ -129,6 +140,9 @@ def _gather_into(layout: _Layout, parts: list[Tensor], inv: Tensor | None, store
     """``store`` = the parts, in the original layout."""
     if layout.kind == "cols":
         torch.cat(parts, layout.dim, out=store)
+    elif layout.kind == "sparse":  # inv is perm: write the trained elements only
+        assert inv is not None
+        store.view(-1).index_copy_(0, inv, layout.flat_base(parts))
     else:
         assert inv is not None
         torch.index_select(layout.flat_base(parts), 0, inv, out=store.view(-1))
@@ -299,9 +313,9 @@ class _Route(torch.autograd.Function):
         layout: _Layout = ctx.layout
         if layout.kind != "rows":
             _sync(*ctx.owner)  # a write during the forward (max_norm) reaches the parts first
-        if layout.kind == "mask":
-            grads: list[Tensor | None] = list(
-                grad.reshape(-1).index_select(0, ctx.perm).split(layout.sizes))
+        if layout.kind in ("mask", "sparse"):
+            grads: list[Tensor | None] = layout.with_held(None, list(
+                grad.reshape(-1).index_select(0, ctx.perm).split(layout.linked_of(layout.sizes))))
         else:
             assert layout.bounds is not None
             grads = [grad.narrow(layout.dim, a, b - a) for a, b in layout.bounds]

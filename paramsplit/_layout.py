@@ -10,6 +10,10 @@ A split parameter of shape ``S`` becomes one sub-parameter ("part") per region. 
   original layout is not dense, and fused optimizers mishandle such views.
 * ``mask``: the base is 1-D with the elements sorted by region (stable); part ``i`` is a slice of
   it. ``inv`` gathers the base into the original layout, ``perm`` gathers back.
+* ``sparse`` (a mask whose FROZEN region holds most elements): part 0, FROZEN, is a whole tensor
+  in the original layout; the trained regions' parts are slices of a small 1-D base, ``perm``
+  their positions. Assembly writes just them into part 0 (``index_copy_``), which the forward
+  then reads; work and optimizer state scale with the trained elements, not the tensor.
 
 This module only describes layouts and moves values between the two layouts; keeping the
 original-layout tensor in sync with the parts is ``_assemble``'s job.
@@ -61,7 +65,7 @@ class _Layout:
     ``requires_grad`` is the parameter's as the user sees it (``owner.weight.requires_grad_()``
     changes it); ``cache`` is the original-layout store kept by ``_assemble``."""
 
-    kind: str  # "whole", "rows", "cols" or "mask"
+    kind: str  # "whole", "rows", "cols", "mask" or "sparse"
     shape: tuple[int, ...]
     regions: list[_Region]
     requires_grad: bool
@@ -83,10 +87,32 @@ class _Layout:
     def sizes(self) -> list[int]:
         return [r.numel for r in self.regions]
 
+    @property
+    def held(self) -> int:
+        """``sparse``: the index of the FROZEN part that is the whole tensor (kept apart; the
+        other parts are views of one base, as every layout's parts are); else -1."""
+        if self.kind != "sparse":
+            return -1
+        return next(i for i, r in enumerate(self.regions) if r.options is None)
+
+    def linked_of(self, items: list[Any] | tuple[Any, ...]) -> list[Any]:
+        """``items`` (one per part) without the held part's."""
+        held = self.held
+        return [x for i, x in enumerate(items) if i != held]
+
+    def with_held(self, held_item: Any, linked: list[Any]) -> list[Any]:
+        """One item per part: ``linked`` with ``held_item`` at the held part's index."""
+        out = list(linked)
+        if self.held >= 0:
+            out.insert(self.held, held_item)
+        return out
+
     # -- building ---------------------------------------------------------------------------
 
     def _shapes(self) -> list[tuple[int, ...]]:
         """The shape of each part."""
+        if self.kind == "sparse":
+            return self.with_held(self.shape, [(n,) for n in self.linked_of(self.sizes)])
         if self.kind == "mask":
             return [(n,) for n in self.sizes]
         assert self.bounds is not None
@@ -94,15 +120,16 @@ class _Layout:
                 for a, b in self.bounds]
 
     def views(self, base: Tensor) -> list[Tensor]:
-        """The parts as dense views into ``base``."""
+        """The linked parts as dense views into ``base``."""
         if self.kind == "rows":
             return [base[a:b] for a, b in self.bounds or []]
-        return [flat.view(shape) for flat, shape in zip(base.split(self.sizes), self._shapes())]
+        shapes, sizes = self.linked_of(self._shapes()), self.linked_of(self.sizes)
+        return [flat.view(shape) for flat, shape in zip(base.split(sizes), shapes)]
 
     def base_from(self, full: Tensor, perm: Tensor | None) -> Tensor:
-        """A fresh base holding the values of the (unsplit) tensor ``full``."""
+        """A fresh base holding the linked parts' values of the (unsplit) tensor ``full``."""
         full = full.detach()
-        if self.kind == "mask":
+        if self.kind in ("mask", "sparse"):
             assert perm is not None
             return full.reshape(-1).index_select(0, perm.to(full.device))
         if self.kind == "cols":
@@ -110,16 +137,24 @@ class _Layout:
         return full.clone(memory_format=torch.contiguous_format)
 
     def values(self, full: Tensor, perm: Tensor | None) -> list[Tensor]:
-        """The parts' values of the (unsplit) tensor ``full``, as dense views of a fresh base."""
-        return self.views(self.base_from(full, perm))
+        """The parts' values of the (unsplit) tensor ``full``, as dense views of a fresh base
+        (``sparse``: a fresh copy of ``full``, then the trained elements' views)."""
+        held = full.detach().clone(memory_format=torch.contiguous_format) if self.held >= 0 \
+            else None
+        return self.with_held(held, self.views(self.base_from(full, perm)))
 
     def linked(self, parts: tuple[Tensor, ...]) -> bool:
         """Whether ``parts`` are still the dense views :meth:`views` made of one base."""
         if not all(_has_storage(p) for p in parts):
             return False  # e.g. FSDP2's sharded DTensors: nothing to alias
-        ptr = parts[0].untyped_storage().data_ptr()
+        if self.held >= 0 and not (parts[self.held].is_contiguous()
+                                   and tuple(parts[self.held].shape) == self.shape):
+            return False
+        linked = self.linked_of(parts)
+        ptr = linked[0].untyped_storage().data_ptr()
         at = 0
-        for p, n, shape in zip(parts, self.sizes, self._shapes()):
+        for p, n, shape in zip(linked, self.linked_of(self.sizes),
+                               self.linked_of(self._shapes())):
             if (p.untyped_storage().data_ptr() != ptr or p.storage_offset() != at
                     or tuple(p.shape) != shape or not p.is_contiguous()):
                 return False
@@ -128,28 +163,37 @@ class _Layout:
 
     def flat_base(self, parts: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
         """The 1-D base of linked ``parts``, detached (it shares their version counter)."""
-        return parts[0].detach().as_strided((sum(self.sizes),), (1,), 0)
+        first = self.linked_of(parts)[0]
+        return first.detach().as_strided((sum(self.linked_of(self.sizes)),), (1,), 0)
 
     # -- assembling ---------------------------------------------------------------------------
 
-    def merge(self, parts: tuple[Tensor, ...] | list[Tensor], inv: Tensor | None) -> Tensor:
+    def merge(self, parts: tuple[Tensor, ...] | list[Tensor], index: Tensor | None) -> Tensor:
         """The full tensor from per-part tensors (parts, their grads or optimizer state), with
-        plain differentiable ops into a fresh tensor."""
-        if self.kind == "mask":
-            assert inv is not None
-            flat = torch.cat([p.reshape(-1) for p in parts])
-            return flat.index_select(0, _index_like(inv, flat)).view(self.shape)
+        plain differentiable ops into a fresh tensor. ``index``: ``inv`` for masks, ``perm`` for
+        ``sparse`` (see ``_assemble._index``)."""
+        if self.kind in ("mask", "sparse"):
+            assert index is not None
+            flat = torch.cat([p.reshape(-1) for p in self.linked_of(parts)])
+            index = _index_like(index, flat)
+            if self.kind == "sparse":
+                held = parts[self.held].reshape(-1)
+                return held.index_copy(0, index, flat).view(self.shape)
+            return flat.index_select(0, index).view(self.shape)
         return torch.cat(list(parts), self.dim)
 
     def relink(self, parts: list[Tensor]) -> None:
         """Make ``parts`` views of one fresh base again (after ``module.to()`` and friends)."""
         if not all(_has_storage(p) for p in parts) or self.linked(tuple(parts)):
             return  # sharded (FSDP2 owns the storage of DTensor parts), or linked already
+        linked = self.linked_of(parts)
         with torch.no_grad():
-            base = torch.cat([p.reshape(-1) for p in parts])
+            if self.held >= 0:
+                parts[self.held].data = parts[self.held].data.contiguous()
+            base = torch.cat([p.reshape(-1) for p in linked])
         if self.kind == "rows":
             base = base.view(self.shape)
-        for p, view in zip(parts, self.views(base)):
+        for p, view in zip(linked, self.views(base)):
             p.data = view
 
 
@@ -184,12 +228,18 @@ def _plan(target: _Target) -> tuple[_Layout, list[nn.Parameter], dict[str, Tenso
         return layout, [], {}
     buffers: dict[str, Tensor] = {}
     perm = None
-    if layout.kind == "mask":
+    if layout.kind in ("mask", "sparse"):
         assert target.region_ids is not None
-        perm, inv = _indices(torch.argsort(target.region_ids, stable=True))
+        order = torch.argsort(target.region_ids, stable=True)
+        if layout.kind == "sparse":  # only the trained elements' positions (index_copy_: long)
+            perm, inv = order[target.region_ids[order] != layout.held], order
+        else:
+            perm, inv = _indices(order)
         if param.device.type == "meta":
             layout.perm_cpu = perm
-        buffers = {"perm": perm.to(param.device), "inv": inv.to(param.device)}
+        buffers = {"perm": perm.to(param.device)}
+        if layout.kind == "mask":
+            buffers["inv"] = inv.to(param.device)
         perm = buffers["perm"]
     parts = [
         nn.Parameter(view, requires_grad=param.requires_grad and region.options is not None)

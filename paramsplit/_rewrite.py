@@ -95,12 +95,12 @@ def _split_class(cls: type, attrs: list[str]) -> type:
         cls._apply(self, fn, recurse)  # type: ignore[attr-defined]
         for attr, layout in layouts.items():
             layout.cache = None
-            if layout.kind == "mask" and layout.perm_cpu is not None:
-                perm, inv = _indices(layout.perm_cpu)
+            if layout.perm_cpu is not None:  # built on the meta device: indices now
                 device = self._buffers[f"{attr}__perm"].device  # type: ignore[union-attr]
                 if device.type != "meta":
-                    self._buffers[f"{attr}__perm"] = perm.to(device)
-                    self._buffers[f"{attr}__inv"] = inv.to(device)
+                    self._buffers[f"{attr}__perm"] = layout.perm_cpu.to(device)
+                    if layout.kind == "mask":
+                        self._buffers[f"{attr}__inv"] = _indices(layout.perm_cpu)[1].to(device)
             layout.relink(_parts(self, attr, layout))
         _tag(self)  # parameter objects may have been replaced
         _refresh_rnn(self)

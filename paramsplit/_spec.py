@@ -277,8 +277,23 @@ def _mask_target(key: str, name: str, param: nn.Parameter, ids: torch.Tensor,
         regions = [regions[i] for i in keep]
     if len(regions) <= 1:
         return _whole(key, name, param, regions[0] if regions else _Region("all", {}, 0))
-    return _as_blocks(key, name, param, flat, regions) or \
+    return _as_blocks(key, name, param, flat, regions) or _as_sparse(key, name, param, flat,
+                                                                      regions) or \
         _Target(key, name, param, "mask", regions, region_ids=flat)
+
+
+#: A mask whose FROZEN region holds at least this share of the elements takes the ``sparse``
+#: layout (see ``_layout``); measured crossover with the gather layout: see the README.
+SPARSE_FROZEN_SHARE = 0.5
+
+
+def _as_sparse(key: str, name: str, param: nn.Parameter, flat: torch.Tensor,
+               regions: list[_Region]) -> _Target | None:
+    """The ``sparse`` target of a mask whose FROZEN region is most of it, or ``None``."""
+    frozen = next((r for r in regions if r.options is None), None)
+    if frozen is None or frozen.numel < SPARSE_FROZEN_SHARE * flat.numel():
+        return None
+    return _Target(key, name, param, "sparse", regions, region_ids=flat)
 
 
 def _as_blocks(key: str, name: str, param: nn.Parameter, flat: torch.Tensor,

@@ -275,7 +275,7 @@ def merge(split_model: nn.Module) -> nn.Module:
                 params[name] = p
         module.__dict__["_parameters"] = params
         for attr in names:
-            if layouts[attr].kind == "mask":
+            if layouts[attr].kind in ("mask", "sparse"):
                 for which in ("perm", "inv"):
                     module._buffers.pop(f"{attr}__{which}", None)
                     module._non_persistent_buffers_set.discard(f"{attr}__{which}")

@@ -329,7 +329,8 @@ def merged_grad(model, target, masks) -> tuple[Tensor, Tensor]:
     full = torch.zeros(masks[0].shape, dtype=ps_[0].dtype)
     have = torch.zeros(masks[0].shape, dtype=torch.bool)
     for m, p in zip(masks, ps_):
-        assert p.shape == () or p.numel() == int(m.sum())
+        # a part holds its region's elements (sparse: the FROZEN part is the whole tensor)
+        assert p.shape == () or p.numel() == int(m.sum()) or p.shape == m.shape
         if p.grad is not None:
             full[m] = p.grad.reshape(-1)
             have |= m
