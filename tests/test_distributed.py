@@ -89,15 +89,21 @@ def _reference(steps: int = STEPS, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _merged_from_parts(parts_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Merge a full state dict with the split model's keys (``0.weight__0``, ...)."""
+    """Merge a full state dict with the split model's keys (``0.weight__0``, ...): what FSDP2's
+    full state dict holds. (A sparse layout's FROZEN part holds stale values where the trained
+    parts are: only the layout can merge them, so this uses it.)"""
+    from paramsplit._assemble import _index, _layouts, _part_names
+
     split_model, _ = _split(seed=1234)
-    params = dict(split_model.named_parameters())
-    assert set(parts_state) == set(split_model.state_dict()) - {n.rsplit("__", 1)[0] for n in params
-                                                               if "__" in n} | set(params)
-    with torch.no_grad():
-        for name, value in parts_state.items():
-            (params[name] if name in params else split_model.get_buffer(name)).copy_(value)
-    return paramsplit.merged_state_dict(split_model)
+    out = {}
+    for prefix, module in split_model.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        for attr, layout in _layouts(module).items():
+            names = [prefix + n for n in _part_names(attr, layout)]
+            out[prefix + attr] = layout.merge([parts_state.pop(n) for n in names],
+                                              _index(module, attr, layout, "inv"))
+    assert set(parts_state) | set(out) == set(split_model.state_dict())
+    return {**parts_state, **out}
 
 
 def _assert_close_dicts(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
