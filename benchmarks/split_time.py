@@ -4,6 +4,7 @@
 Usage::
 
     python benchmarks/split_time.py [--repeats 3] [--json out.json] [--profile]
+    python benchmarks/split_time.py --quick     # smoke run: a 2-layer GPT-2, in this process
 
 The model is ``GPT2LMHeadModel(GPT2Config())`` (n_layer=12, n_embd=768, vocab 50257; random
 weights, nothing is downloaded). The spec splits every 2-D weight (wte, which lm_head ties to,
@@ -41,7 +42,12 @@ MEM_TARGET_X = 1.1
 MMAP_THRESHOLD = 16384
 
 
-def _worker(profile: bool, threads: int | None) -> dict[str, Any]:
+#: ``--quick``: a small GPT-2 instead of the 124M one, split in the calling process (no fresh
+#: subprocess, so not a cold split: a smoke test of the script, not a figure).
+QUICK_CONFIG = {"n_layer": 2, "n_embd": 128, "n_head": 4, "vocab_size": 1000, "n_positions": 64}
+
+
+def _worker(profile: bool, threads: int | None, quick: bool = False) -> dict[str, Any]:
     import torch
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -50,10 +56,12 @@ def _worker(profile: bool, threads: int | None) -> dict[str, Any]:
 
     if threads:
         torch.set_num_threads(threads)
+    verbosity = transformers.logging.get_verbosity()  # both restored: --quick runs in its caller
+    rng = torch.get_rng_state()
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = GPT2LMHeadModel(GPT2Config())
+    model = GPT2LMHeadModel(GPT2Config(**QUICK_CONFIG) if quick else GPT2Config())
     build_s = time.perf_counter() - t0
     params = list(model.parameters())  # deduplicated: wte and lm_head count once
     param_bytes = sum(p.numel() * p.element_size() for p in params)
@@ -107,14 +115,18 @@ def _worker(profile: bool, threads: int | None) -> dict[str, Any]:
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("cumulative").print_stats(30)
         out["profile"] = buf.getvalue()
+    transformers.logging.set_verbosity(verbosity)
+    torch.set_rng_state(rng)
     return out
 
 
-def _run(profile: bool, threads: int | None) -> dict[str, Any]:
+def _run(profile: bool, threads: int | None, quick: bool = False) -> dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker"]
     if profile:
         cmd.append("--profile")
+    if quick:
+        cmd.append("--quick")
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -125,7 +137,10 @@ def _run(profile: bool, threads: int | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--repeats", type=int, default=3, help="fresh subprocesses (default 3)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="fresh subprocesses (default 3; --quick: 1, in this process)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: a 2-layer GPT-2 (n_embd 128) instead of the 124M one")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--profile", action="store_true",
                     help="one more run under cProfile; print where split's time goes")
@@ -134,11 +149,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--_worker", dest="worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(_worker(args.profile, args.threads)))
+        print(json.dumps(_worker(args.profile, args.threads, args.quick)))
         return 0
+    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
 
     t_start = time.perf_counter()
-    runs = [_run(False, args.threads) for _ in range(args.repeats)]
+    if args.quick:
+        runs = [_worker(False, args.threads, True) for _ in range(repeats)]
+    else:
+        runs = [_run(False, args.threads) for _ in range(repeats)]
     first = runs[0]
     pb = first["param_bytes"]
     times = [r["split_s"] for r in runs]
@@ -146,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     t_med = statistics.median(times)
     m_max = max(peaks)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    model = (f"a small GPT-2 {QUICK_CONFIG} (--quick: smoke test only)" if args.quick
+             else "GPT-2 124M (GPT2Config() defaults)")
     lines = [
-        "paramsplit.split on GPT-2 124M (GPT2Config() defaults), every 2-D weight -> 2 row blocks",
+        f"paramsplit.split on {model}, every 2-D weight -> 2 row blocks",
         f"machine: {os.cpu_count()} CPUs, torch threads {first['threads']}"
         f" ({'set by --threads' if args.threads else 'default'}), torch {first['torch']}, "
         f"transformers {first['transformers']}, python {platform.python_version()}, "
@@ -155,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {first['n_params'] / 1e6:.1f}M parameters, {pb / 2**20:.0f} MiB; "
         f"{first['split_params']} split parameters, {first['split_param_bytes'] / 2**20:.0f} MiB;"
         f" groups {first['groups']}",
-        f"{args.repeats} fresh subprocess(es), each one cold split; building the model took "
+        ("--quick: in this process, not a cold split" if args.quick else
+         f"{repeats} fresh subprocess(es), each one cold split") + ";"
+        f" building the model took "
         f"{statistics.median(r['build_s'] for r in runs):.1f} s (not counted)",
         "",
     ]
@@ -176,14 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("(no /proc/self/clear_refs: peak is ru_maxrss, it includes building the model)")
     profile = None
     if args.profile:
-        profile = _run(True, args.threads)
+        profile = _run(True, args.threads, args.quick)
         lines += ["", f"cProfile of one more split ({profile['split_s']:.2f} s under the "
                       "profiler):", profile["profile"]]
     lines.append(f"total wall time {time.perf_counter() - t_start:.1f} s")
     print("\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "split_s_median": t_med, "extra_peak_x_max": m_max,
+            json.dump({"quick": args.quick, "runs": runs, "split_s_median": t_med, "extra_peak_x_max": m_max,
                        "time_target_s": TIME_TARGET_S, "mem_target_x": MEM_TARGET_X,
                        "load_average": load, "profile": profile}, f, indent=1)
     return 0

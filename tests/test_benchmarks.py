@@ -1,34 +1,131 @@
-"""benchmarks/step.py --quick runs and reports every variant (no timing assertions)."""
+"""The benchmark scripts run and report sane numbers (smoke tests: no timing assertions).
 
+To stay fast, a module fixture starts ``benchmarks/gpu_check.sh`` in its CPU quick mode (which
+runs ``step.py --quick``) when the module starts, and the other tests run in this process
+meanwhile (``split_time.py --quick`` splits in its caller; in a full test run torch and
+transformers are imported already).
+"""
+
+from __future__ import annotations
+
+import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-STEP = Path(__file__).parent.parent / "benchmarks" / "step.py"
-VARIANTS = {"baseline", "rows", "cols", "mask", "penalty", "hooks", "parametrize"}
+ROOT = Path(__file__).parent.parent
+BENCH = ROOT / "benchmarks"
+
+ALL = {"baseline", "rows", "cols_floor", "cols", "forum", "mask_floor", "mask", "penalty", "hooks",
+       "parametrize"}
+GROUPS = {"linear": ALL, "gpt2": ALL - {"forum"}, "generate": {"baseline", "mask_floor", "mask"}}
+FLOORS = {"rows": "baseline", "cols": "cols_floor", "forum": "cols_floor", "mask": "mask_floor"}
 
 
-def test_step_quick_writes_every_variant(tmp_path):
-    out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, str(STEP), "--quick", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "targets missed" in proc.stdout
-    report = json.loads(out.read_text())
+def _positive(x: object) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _started(tmp_path_factory: pytest.TempPathFactory):
+    """gpu_check.sh, forced into its CPU quick mode, started when the module starts."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    env = dict(os.environ, OUT=str(out), PARAMSPLIT_GPU_CHECK_CPU="1", PYTHON=sys.executable)
+    with open(out / "stdout.txt", "w") as o:
+        proc = subprocess.Popen(["bash", str(BENCH / "gpu_check.sh")], env=env, stdout=o,
+                                stderr=subprocess.STDOUT)
+    yield out, proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def gpu_check(_started) -> SimpleNamespace:
+    out, proc = _started
+    proc.wait(timeout=600)
+    return SimpleNamespace(out=out, rc=proc.returncode, output=(out / "stdout.txt").read_text())
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"paramsplit_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))  # the scripts import their helpers (_memory, ...)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_step_device_cuda_refused_without_cuda(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: gpu_check.sh runs step.py --device cuda")
+    assert _load("step").main(["--device", "cuda", "--json", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: CUDA is not available" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_split_time_quick(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert _load("split_time").main(["--quick", "--json", str(tmp_path / "st.json")]) == 0
+    assert "split time (median)" in capsys.readouterr().out
+    data = json.loads((tmp_path / "st.json").read_text())
+    assert data["quick"] and len(data["runs"]) == 1
+    run = data["runs"][0]
+    assert _positive(run["split_s"]) and run["extra_peak_bytes"] > 0
+    assert run["split_params"] == 2 * 4 + 2  # c_attn, c_proj, c_fc, mlp.c_proj per layer; wte, wpe
+    assert run["groups"] == ["default", "weight_decay=0.0", "weight_decay=0.1"]
+
+
+def test_gpu_check_cpu_mode_writes_log_and_json(gpu_check):
+    assert gpu_check.rc == 0, gpu_check.output[-6000:]
+    log = (gpu_check.out / "gpu_check.log").read_text()
+    assert "mode cpu-quick" in log
+    assert "step.py --quick --json" in log
+    assert "tests on cuda" not in log and "-m pytest" not in log  # no test run without CUDA
+    assert "targets missed:" in log  # step.py's report went into the log
+    assert "every stage passed" in log.splitlines()[-1]
+    assert log == gpu_check.output  # what it printed, it logged
+    report = json.loads((gpu_check.out / "step_cpu_quick.json").read_text())
+    assert report["quick"] and report["device"] == "cpu"
+
+
+def test_step_quick_reports_every_variant_against_its_floor(gpu_check):
+    report = json.loads((gpu_check.out / "step_cpu_quick.json").read_text())
     results = report["results"]
-    assert {r["model"] for r in results} == {"linear", "gpt2"}
-    for model in ("linear", "gpt2"):
-        for batch in (8, 128, 2048):
-            got = {r["variant"]: r for r in results if r["model"] == model and r["batch"] == batch}
-            assert set(got) == VARIANTS, (model, batch)
-            for variant, r in got.items():
-                for key in ("time_ratio", "mem_ratio"):
-                    value = r[key]
-                    assert isinstance(value, float) and math.isfinite(value) and value > 0, (
-                        model, batch, variant, key, value)
-            assert got["baseline"]["time_ratio"] == 1.0
-            assert got["baseline"]["mem_ratio"] == 1.0
+    kinds = {r["model"] for r in results}
+    skipped = " ".join(s["label"] for s in report["skipped"])
+    assert kinds | ({"gpt2", "generate"} if "GPT-2" in skipped else set()) == set(GROUPS)
+    for kind in kinds:
+        batches = {r["batch"] for r in results if r["model"] == kind}
+        assert batches
+        for batch in batches:
+            got = {r["variant"]: r for r in results if r["model"] == kind and r["batch"] == batch}
+            assert set(got) == GROUPS[kind], (kind, batch)
+            assert got["baseline"]["time_ratio"] == 1.0 and got["baseline"]["mem_ratio"] == 1.0
+            for v, r in got.items():
+                where = (kind, batch, v)
+                assert len(r["samples_ms"]) == r["rounds"] >= len(got), where
+                for key in ("time_ratio", "time_ratio_min", "mem_ratio"):
+                    assert _positive(r[key]), (where, key, r[key])
+                assert r["mem_bytes"] > 0 and r["build_mem_bytes"] is not None, where
+                assert r["floor"] == FLOORS.get(v), where
+                if v in FLOORS:
+                    assert r["floor"] in got
+                    for key in ("time_ratio_floor", "mem_ratio_floor"):
+                        assert _positive(r[key]), (where, key, r[key])
+                    assert r["time_target"] == 1.10 and r["mem_target"] == 1.05
+                    assert isinstance(r["time_ok"], bool) and isinstance(r["mem_ok"], bool)
+                else:
+                    assert r["time_ratio_floor"] is None and r["time_ok"] is None, where
+                if v == "rows":  # its floor is the unsplit step
+                    assert r["time_ratio_floor"] == r["time_ratio"]

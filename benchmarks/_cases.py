@@ -1,0 +1,133 @@
+"""The benchmarked models: what is built, which weights are split, the inputs and the loss.
+
+A :class:`Case` is plain data (it travels to the memory probe's subprocesses as JSON). Kinds:
+
+* ``linear``    ``nn.Linear(in, out)``; the weight is split; loss = MSE to a random target.
+* ``gpt2``      ``GPT2LMHeadModel`` from a ``GPT2Config`` (random weights, nothing downloaded);
+                every 2-D weight of the blocks (``transformer.h.*``) is split; loss = LM loss.
+* ``generate``  the same kind of GPT-2; the "step" is ``model.generate(input_ids,
+                max_new_tokens=..., do_sample=False)`` (no optimizer).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "linear" | "gpt2" | "generate"
+    sizes: dict[str, int]
+    batches: tuple[int, ...]
+    seq: dict[int, int]  # gpt2: batch -> training sequence length; generate: -> prompt length
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sizes": self.sizes, "batches": list(self.batches),
+                "seq": {str(k): v for k, v in self.seq.items()}}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Case:
+        return Case(d["kind"], d["sizes"], tuple(d["batches"]),
+                    {int(k): v for k, v in d["seq"].items()})
+
+    def label(self) -> str:
+        s = self.sizes
+        if self.kind == "linear":
+            return f"nn.Linear({s['in']}, {s['out']})"
+        gpt = f"GPT-2 n_layer={s['n_layer']} n_embd={s['n_embd']} vocab={s['vocab']}"
+        if self.kind == "generate":
+            return f"generate(max_new_tokens={s['new_tokens']}, do_sample=False), {gpt}"
+        return gpt
+
+    @property
+    def needs_transformers(self) -> bool:
+        return self.kind != "linear"
+
+
+def _gpt(n_layer: int, n_embd: int, vocab: int) -> dict[str, int]:
+    return {"n_layer": n_layer, "n_embd": n_embd, "n_head": 4 if n_embd >= 128 else 2,
+            "vocab": vocab}
+
+
+FULL_CASES = (
+    Case("linear", {"in": 1024, "out": 4096}, (8, 128, 2048), {}),
+    # batch 128 and 2048 at sequence length 64 take seconds per step on 2 cores, so the sequence
+    # is shortened there (tokens per step: 512, 2048, 4096).
+    Case("gpt2", _gpt(2, 256, 8000), (8, 128, 2048), {8: 64, 128: 16, 2048: 2}),
+    Case("generate", {**_gpt(2, 128, 1000), "new_tokens": 32}, (1, 8), {1: 8, 8: 8}),
+)
+QUICK_CASES = (
+    Case("linear", {"in": 128, "out": 512}, (8, 64), {}),
+    Case("gpt2", _gpt(1, 64, 500), (4,), {4: 8}),  # tensors above the mmap threshold
+    Case("generate", {**_gpt(1, 64, 500), "new_tokens": 8}, (2,), {2: 4}),
+)
+#: Per kind, a tiny case that the memory probe runs first, to pay lazy initialisation.
+TINY_CASES = {
+    "linear": Case("linear", {"in": 16, "out": 32}, (2,), {}),
+    "gpt2": Case("gpt2", _gpt(1, 32, 64), (2,), {2: 4}),
+    "generate": Case("generate", {**_gpt(1, 32, 64), "new_tokens": 2}, (1,), {1: 2}),
+}
+
+
+def have_transformers() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def build_base(case: Case) -> nn.Module:
+    """The unsplit model, on the CPU, with the same weights every time."""
+    torch.manual_seed(0)
+    if case.kind == "linear":
+        return nn.Linear(case.sizes["in"], case.sizes["out"])
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    s = case.sizes
+    training = case.kind == "gpt2"
+    cfg = GPT2Config(n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=s["n_head"],
+                     vocab_size=s["vocab"], use_cache=not training,
+                     n_positions=max(case.seq.values()) + s.get("new_tokens", 0),
+                     bos_token_id=None, eos_token_id=None)  # no early stop: always new_tokens
+    model = GPT2LMHeadModel(cfg)
+    return model if training else model.eval()
+
+
+def target_names(case: Case, model: nn.Module) -> list[str]:
+    """The parameters every split variant splits (and the alternatives treat)."""
+    if case.kind == "linear":
+        return ["weight"]
+    return [n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
+
+
+def make_inputs(case: Case, batch: int, device: torch.device) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    if case.kind == "linear":
+        x = torch.randn(batch, case.sizes["in"], generator=g)
+        y = torch.randn(batch, case.sizes["out"], generator=g)
+        return x.to(device), y.to(device)
+    ids = torch.randint(0, case.sizes["vocab"], (batch, case.seq[batch]), generator=g).to(device)
+    return (ids,) if case.kind == "generate" else (ids, ids)
+
+
+def task_loss(case: Case, model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    if case.kind == "linear":
+        return F.mse_loss(model(inputs[0]), inputs[1])
+    return model(input_ids=inputs[0], labels=inputs[1], use_cache=False).loss
+
+
+def generate(case: Case, model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
+    ids = inputs[0]
+    return model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0,
+                          max_new_tokens=case.sizes["new_tokens"], do_sample=False)
+
+
+def preload(cases: list[Case]) -> None:
+    """Import what building ``cases`` imports (before the memory probe forks its server)."""
+    if any(c.needs_transformers for c in cases):
+        import transformers.models.gpt2.modeling_gpt2  # noqa: F401

@@ -1,0 +1,140 @@
+"""The report: one record per (case, batch, variant) with its ratios, and the printed table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import textwrap
+from typing import Any
+
+import torch
+
+import paramsplit
+
+from _timing import ratios
+from _variants import VARIANTS
+
+TIME_TARGET = 1.10  # a split's step time / its floor's
+MEM_TARGET = 1.05  # a split's peak memory / its floor's
+
+
+def record(case: Any, batch: int, variant: str, samples: dict[str, list[float]], rounds: int,
+           mem: dict[str, int], build_mem: dict[str, int]) -> dict[str, Any]:
+    floor = VARIANTS[variant].floor
+    t = ratios(samples, variant, "baseline")
+    tf = ratios(samples, variant, floor) if floor else None
+    key = f"{variant}/{batch}"
+    m, m_base = mem.get(key), mem.get(f"baseline/{batch}")
+    m_floor = mem.get(f"{floor}/{batch}") if floor else None
+    mem_ratio = m / m_base if m is not None and m_base else None
+    mem_ratio_floor = m / m_floor if m is not None and m_floor else None
+    time_ok = None if tf is None else tf["ratio"] <= TIME_TARGET
+    mem_ok = None if mem_ratio_floor is None else mem_ratio_floor <= MEM_TARGET
+    noise = tf or t
+    return {
+        "case": case.label(), "model": case.kind, "batch": batch, "seq_len": case.seq.get(batch),
+        "variant": variant, "floor": floor, "rounds": rounds,
+        "time_ms": statistics.median(samples[variant]) * 1e3,
+        "time_ratio": t["ratio"], "time_ratio_min": t["min"],
+        "time_ratio_floor": tf["ratio"] if tf else None,
+        "time_ratio_floor_min": tf["min"] if tf else None,
+        "paired_q1": noise["q1"], "paired_q3": noise["q3"],
+        "time_target": TIME_TARGET if floor else None, "time_ok": time_ok,
+        "mem_bytes": m, "build_mem_bytes": build_mem.get(key),
+        "mem_ratio": mem_ratio, "mem_ratio_floor": mem_ratio_floor,
+        "mem_target": MEM_TARGET if floor else None, "mem_ok": mem_ok,
+        "samples_ms": [x * 1e3 for x in samples[variant]],
+    }
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
+                       cpu)
+    except OSError:
+        pass
+    try:
+        import transformers
+
+        tf_version: str | None = transformers.__version__
+    except ImportError:
+        tf_version = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "transformers": tf_version, "paramsplit": paramsplit.__version__,
+        "python": platform.python_version(), "platform": platform.platform(),
+        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _f(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _ok(ok: bool | None) -> str:
+    return "" if ok is None else ("OK" if ok else "MISS")
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    load = "/".join(f"{x:.1f}" for x in m["loadavg_start"] or ())
+    load_end = "/".join(f"{x:.1f}" for x in m.get("loadavg_end") or ())
+    lines = [
+        "paramsplit step benchmark on " + report["device"]
+        + (" (--quick: tiny models, smoke test only; memory measured while timing)"
+           if report["quick"] else ""),
+        f"machine: {m['cpu_count']} CPUs ({m['cpu_affinity']} usable), {m['cpu']}"
+        + (f", GPU {m['gpu']}" if m["gpu"] else "")
+        + f"; torch threads {m['torch_threads']}"
+        + f" ({'set' if report['threads'] else 'default'}); load average {load} -> {load_end}",
+        f"         torch {m['torch']}, transformers {m['transformers']}, python {m['python']}, "
+        f"{m['platform']}",
+        "x unsplit / x floor: median step time over the unsplit model's / the floor's, all "
+        "variants of a table timed interleaved in one process; iqr: quartiles of the per-round",
+        "  paired ratio (noise); mem x: peak memory of the steps over the unsplit model's / the "
+        f"floor's (fresh processes). Targets: a split <= {TIME_TARGET:.2f}x its floor's time, "
+        f"<= {MEM_TARGET:.2f}x its floor's memory.",
+    ]
+    lines += textwrap.wrap("; ".join(f"{v}: {d['what']}" for v, d in report["variants"].items()),
+                           width=110, initial_indent="variants: ", subsequent_indent="  ")
+    header = ("batch", "variant", "floor", "rounds", "ms", "x unsplit", "x floor", "iqr", "",
+              "peak MB", "mem x unsplit", "mem x floor", "")
+    for c in report["cases"]:
+        lines += ["", f"== {c['label']} =="]
+        if c["kind"] != "linear":
+            seq = ", ".join(f"batch {b}: {s}" for b, s in c["seq"].items())
+            what = "sequence length" if c["kind"] == "gpt2" else "prompt length"
+            lines.append(f"   {what} {seq}; split: every 2-D weight in transformer.h.*")
+        rows = [header]
+        for r in report["results"]:
+            if r["case"] != c["label"]:
+                continue
+            mb = r["mem_bytes"] / 2**20 if r["mem_bytes"] is not None else None
+            rows.append((
+                str(r["batch"]), r["variant"], r["floor"] or "", str(r["rounds"]),
+                _f(r["time_ms"]), _f(r["time_ratio"], "{:.3f}"), _f(r["time_ratio_floor"], "{:.3f}"),
+                f"{r['paired_q1']:.2f}-{r['paired_q3']:.2f}", _ok(r["time_ok"]), _f(mb, "{:.1f}"),
+                _f(r["mem_ratio"], "{:.3f}"), _f(r["mem_ratio_floor"], "{:.3f}"), _ok(r["mem_ok"])))
+        lines += _table(rows)
+    for s in report["skipped"]:
+        lines += ["", f"skipped {s['label']}: {s['reason']}"]
+    misses = [f"{r['model']} b{r['batch']} {r['variant']} {what} {val:.3f}x floor"
+              for r in report["results"]
+              for what, val, ok in (("time", r["time_ratio_floor"], r["time_ok"]),
+                                    ("mem", r["mem_ratio_floor"], r["mem_ok"]))
+              if ok is False]
+    lines += ["", f"targets missed: {'; '.join(misses) if misses else 'none'}",
+              f"total wall time {report['wall_s']:.1f} s"]
+    return "\n".join(lines)

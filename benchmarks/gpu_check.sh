@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The CUDA checks, for a lent GPU machine: no network and no pip needed; run from anywhere.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh
+#
+# With a CUDA device (nvidia-smi lists a GPU and torch.cuda.is_available()):
+#   (a) PARAMSPLIT_TEST_DEVICE=cuda python -m pytest -q tests
+#   (b) python benchmarks/step.py --device cuda --budget 5 --json $OUT/step_cuda.json
+# Without one (or with PARAMSPLIT_GPU_CHECK_CPU=1), a quick mode that runs here too:
+#   python benchmarks/step.py --quick --json $OUT/step_cpu_quick.json      (no pytest)
+#
+# Everything runs from the repository root with PYTHONPATH=. (the package is not installed),
+# each stage under `timeout`, all within 8 minutes. The whole output goes to the terminal and to
+# $OUT/gpu_check.log; OUT defaults to a fresh temporary directory. Exit status: 0 when every stage
+# passed, else 1.
+set -u
+
+TOTAL_S=480      # 8 minutes for everything
+TESTS_S=270      # the test suite's share; the benchmark gets what is left
+START=$SECONDS
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-$(command -v python || command -v python3)}
+OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")}
+mkdir -p "$OUT" || exit 1
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+FAILED=0
+
+log() { echo "gpu_check: $*" | tee -a "$LOG"; }
+
+# stage NAME TIMEOUT_S COMMAND...: runs COMMAND under timeout, output to the terminal and the log.
+stage() {
+    local name=$1 limit=$2 t0=$SECONDS rc
+    shift 2
+    if [ "$limit" -le 0 ]; then
+        log "== $name: SKIPPED, no time left of the ${TOTAL_S} s"
+        FAILED=1
+        return
+    fi
+    log "== $name (timeout ${limit} s): $*"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+        log "== $name: passed in $((SECONDS - t0)) s"
+    else
+        [ "$rc" -eq 124 ] && rc="$rc (timed out)"
+        log "== $name: FAILED, exit status $rc after $((SECONDS - t0)) s"
+        FAILED=1
+    fi
+}
+
+left() { echo $((TOTAL_S - (SECONDS - START) - 5)); }
+
+MODE=cpu-quick
+if [ "${PARAMSPLIT_GPU_CHECK_CPU:-0}" = 1 ] || [ -n "${PARAMSPLIT_IN_GPU_CHECK:-}" ]; then
+    REASON="forced (PARAMSPLIT_GPU_CHECK_CPU=1, or inside another gpu_check)"
+elif ! nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+    REASON="nvidia-smi lists no GPU"
+elif ! timeout 120 "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
+        >/dev/null 2>&1; then
+    REASON="torch.cuda.is_available() is False"
+else
+    MODE=cuda
+    REASON="CUDA available"
+fi
+export PARAMSPLIT_IN_GPU_CHECK=1  # a test that runs this script again gets the CPU mode
+
+log "mode $MODE ($REASON); repository $(pwd); OUT $OUT; $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+log "python $("$PY" -c 'import platform; print(platform.python_version())' 2>&1)," \
+    "commit $(git describe --always --dirty 2>/dev/null || echo '(no git)')"
+if [ "$MODE" = cuda ]; then
+    nvidia-smi -L 2>&1 | tee -a "$LOG"
+    stage "tests on cuda" "$(( $(left) < TESTS_S ? $(left) : TESTS_S ))" \
+        env PARAMSPLIT_TEST_DEVICE=cuda "$PY" -m pytest -q tests
+    stage "step benchmark on cuda" "$(left)" \
+        "$PY" benchmarks/step.py --device cuda --budget 5 --json "$OUT/step_cuda.json"
+else
+    stage "step benchmark, quick, on cpu" "$(left)" \
+        "$PY" benchmarks/step.py --quick --json "$OUT/step_cpu_quick.json"
+fi
+
+if [ "$FAILED" = 0 ]; then
+    log "done in $((SECONDS - START)) s: every stage passed; log $LOG"
+else
+    log "done in $((SECONDS - START)) s: SOME STAGE FAILED; log $LOG"
+fi
+exit "$FAILED"
