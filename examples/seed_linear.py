@@ -5,10 +5,13 @@
 
 The answer there was a hand-written masked L2 penalty. With paramsplit the weight is split into
 its two column blocks, each with its own weight_decay, and any optimizer (here AdamW, whose
-decoupled decay no penalty can express) applies them exactly.
+decoupled decay no penalty can express) applies them exactly. The split model is a drop-in: same
+outputs, same state dict.
 
 Run: python examples/seed_linear.py
 """
+
+import copy
 
 import torch
 from torch import nn
@@ -17,11 +20,12 @@ import paramsplit
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(10, 1), nn.Tanh())
+mask = torch.zeros(1, 10, dtype=torch.long)
+mask[:, :5] = 1  # the question as asked: inputs 0-4 one way, inputs 5-9 another
+decays = {1: {"weight_decay": 0.01}, 0: {"weight_decay": 0.1}}
 
-split_model, groups = paramsplit.split(model, {
-    "0": paramsplit.cols({(0, 5): {"weight_decay": 0.01}, (5, None): {"weight_decay": 0.1}}),
-})
-print(paramsplit.describe(split_model))
+split_model, groups = paramsplit.split(model, {"0": paramsplit.Regions(mask, decays)})
+print(paramsplit.describe(split_model))  # a mask of column blocks takes the `cols` layout
 opt = torch.optim.AdamW(groups, lr=1e-2)
 
 x, y = torch.randn(256, 10), torch.randn(256, 1)
@@ -32,13 +36,33 @@ for step in range(200):
     loss = nn.functional.mse_loss(split_model(x), y)
     loss.backward()
     opt.step()
-
-weight = paramsplit.merged_state_dict(split_model)["0.weight"]
 print(f"loss after 200 steps: {loss.item():.4f}")
-print("weight, inputs 0-4 (weight_decay=0.01):", [round(v, 4) for v in weight[0, :5].tolist()])
-print("weight, inputs 5-9 (weight_decay=0.1): ", [round(v, 4) for v in weight[0, 5:].tolist()])
 
-# The trained weights load back into the plain model (original keys and shapes).
-model.load_state_dict(paramsplit.merged_state_dict(split_model), strict=True)
+# The answer working: with a zero gradient, AdamW's decoupled decay alone shrinks each block of
+# inputs at its own rate, (1 - lr * weight_decay) per step. The unsplit layer can only have one.
+unsplit = copy.deepcopy(model)
+unsplit.load_state_dict(split_model.state_dict())  # the split model's state dict: original format
+lr, steps = 0.05, 100
+opts = [torch.optim.AdamW(paramsplit.param_groups(split_model), lr=lr),
+        torch.optim.AdamW(unsplit.parameters(), lr=lr, weight_decay=0.01)]
+start = split_model[0].weight.detach().clone()
+for _ in range(steps):
+    for m, o in zip((split_model, unsplit), opts):
+        o.zero_grad()
+        (0 * m(x)).sum().backward()  # a zero gradient: only the decay acts
+        o.step()
+ratio_split = (split_model[0].weight.detach() / start)[0]
+ratio_unsplit = (unsplit[0].weight.detach() / start)[0]
+print(f"weight after {steps} zero-gradient AdamW steps (lr={lr}), as a fraction of before:")
+print(f"  {'inputs':8}  {'paramsplit':>10}  {'expected':>8}  {'unsplit wd=0.01':>15}")
+for cols, wd in ((slice(0, 5), 0.01), (slice(5, 10), 0.1)):
+    want = (1 - lr * wd) ** steps
+    got = ratio_split[cols]
+    assert torch.allclose(got, torch.full_like(got, want), rtol=1e-4)
+    print(f"  {cols.start}-{cols.stop - 1:<6}  {got.mean().item():>10.4f}  {want:>8.4f}  "
+          f"{ratio_unsplit[cols].mean().item():>15.4f}")
+
+# Drop-in: the state dict has the original keys and loads into the plain model.
+model.load_state_dict(split_model.state_dict(), strict=True)
 assert torch.equal(model(x), split_model(x))
-print("merged weights load into the original nn.Linear: ok")
+print("split_model.state_dict() loads into the original nn.Linear: ok")

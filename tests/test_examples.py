@@ -9,7 +9,8 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 
 
 def test_examples_exist():
-    assert {"seed_linear.py", "freeze_embedding.py"} <= {p.name for p in EXAMPLES}
+    assert {"seed_linear.py", "freeze_embedding.py", "sparse_finetune.py"} <= \
+        {p.name for p in EXAMPLES}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
