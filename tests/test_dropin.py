@@ -69,14 +69,19 @@ def test_state_dict_has_the_original_keys_and_loads_strict_both_ways(kind):
     _assert_same(sm, fresh)
 
 
+def _two_masks():
+    """Two scattered masks (the mask layout) with equal region sizes: equal part shapes."""
+    a = (torch.arange(9)[:, None] + torch.arange(12)) % 2
+    opts = {0: {"weight_decay": 0.0}, 1: {"weight_decay": 0.1}}
+    return Regions(a, opts), Regions(1 - a, opts)
+
+
 def test_checkpoint_of_another_mask_loads_by_position_not_by_part():
     """Two masks with equal region sizes: the weights land where they belong."""
     model = _linear()
-    a = (torch.arange(9)[:, None] + torch.arange(12)) % 2  # scattered: the mask layout
-    b = 1 - a
-    opts = {0: {"weight_decay": 0.0}, 1: {"weight_decay": 0.1}}
-    sm_a, _ = paramsplit.split(model, {"0": Regions(a, opts)})
-    sm_b, _ = paramsplit.split(_linear(seed=1), {"0": Regions(b, opts)})
+    a, b = _two_masks()
+    sm_a, _ = paramsplit.split(model, {"0": a})
+    sm_b, _ = paramsplit.split(_linear(seed=1), {"0": b})
     sm_b.load_state_dict(sm_a.state_dict())
     _assert_same(sm_b, model)
 
@@ -95,21 +100,19 @@ def test_old_part_keys_are_refused_not_loaded():
 
 def test_optimizer_state_of_another_layout_is_refused():
     model = _linear()
-    a = (torch.arange(9)[:, None] + torch.arange(12)) % 2  # scattered: the mask layout
-    b = 1 - a
-    opts = {0: {"weight_decay": 0.0}, 1: {"weight_decay": 0.1}}
-    sm_a, groups_a = paramsplit.split(model, {"0": Regions(a, opts)})
+    a, b = _two_masks()
+    sm_a, groups_a = paramsplit.split(model, {"0": a})
     opt_a = torch.optim.AdamW(groups_a, lr=1e-2)
     sm_a(torch.randn(3, 12)).sum().backward()
     opt_a.step()
-    sm_b, groups_b = paramsplit.split(_linear(), {"0": Regions(b, opts)})
+    sm_b, groups_b = paramsplit.split(_linear(), {"0": b})
     opt_b = torch.optim.AdamW(groups_b, lr=1e-2)
     opt_b.load_state_dict(opt_a.state_dict())  # same sizes: torch cannot tell
     sm_b(torch.randn(3, 12)).sum().backward()
     with pytest.raises(RuntimeError, match="split another way"):
         opt_b.step()
     # the same layout loads and steps
-    sm_c, groups_c = paramsplit.split(_linear(), {"0": Regions(a, opts)})
+    sm_c, groups_c = paramsplit.split(_linear(), {"0": a})
     opt_c = torch.optim.AdamW(groups_c, lr=1e-2)
     opt_c.load_state_dict(opt_a.state_dict())
     sm_c(torch.randn(3, 12)).sum().backward()
