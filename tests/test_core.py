@@ -462,3 +462,35 @@ def test_masks_that_are_blocks_take_the_block_layout_and_train_like_the_mask_pat
     assert all(torch.equal(a[k], b[k]) for k in b)
     if which == "rows":
         assert split_model[0].weight.data_ptr() == split_model[0].weight__0.data_ptr()
+
+
+@pytest.mark.parametrize("trained", [0.01, 0.3])
+def test_mostly_frozen_masks_take_the_sparse_layout_and_train_like_the_mask_path(
+        trained, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 40), nn.Tanh(), nn.Linear(40, 3))
+    mask = torch.rand(40, 16, generator=torch.Generator().manual_seed(4)) < trained
+    plan = Regions(mask.long() + (torch.arange(16) < 4).long() * mask.long(),
+                   {0: FROZEN, 1: {"weight_decay": 0.1}, 2: {"lr": 0.05}})
+    split_model, groups = paramsplit.split(model, {"0": plan})
+    assert paramsplit.describe(split_model).splitlines()[1].endswith("sparse")
+    frozen_part = split_model[0].weight__0
+    assert frozen_part.shape == (40, 16) and not frozen_part.requires_grad
+    monkeypatch.setattr(paramsplit._spec, "_as_sparse", lambda *a: None)
+    mask_model, mask_groups = paramsplit.split(copy.deepcopy(model), {"0": plan})
+    assert "mask" in paramsplit.describe(mask_model)
+    assert sorted(g["name"] for g in groups) == sorted(g["name"] for g in mask_groups)
+    opts = [torch.optim.AdamW(g, lr=1e-2) for g in (groups, mask_groups)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, 16, generator=g)
+        for m, opt in zip((split_model, mask_model), opts):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    a, b = split_model.state_dict(), mask_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert torch.equal(a["0.weight"][~mask], model[0].weight[~mask])  # FROZEN: never moved
+    state = sum(t.numel() for s in opts[0].state.values() for t in s.values() if t.dim() > 0)
+    trained_elems = int(mask.sum()) + 40 + 40 * 3 + 3  # the trained elements and the rest
+    assert state == 2 * trained_elems  # exp_avg and exp_avg_sq, for trained elements only

@@ -31,6 +31,8 @@ def _plans(shape=(9, 12)):
         "mask": Regions(torch.randint(0, 3, shape, generator=g),
                         {0: {"lr": 0.01}, 1: {"weight_decay": 0.2}, 2: FROZEN}),
         "decay-tensor": torch.where(torch.rand(shape, generator=g) < 0.3, 0.01, 0.1),
+        "sparse": Regions(torch.rand(shape, generator=g) < 0.2,  # 80% FROZEN: the sparse layout
+                          {True: {"weight_decay": 0.2}, False: FROZEN}),
     }
 
 
@@ -140,24 +142,29 @@ def _no_grad(fn):
 
 @pytest.mark.filterwarnings("ignore:paramsplit")  # the lr-0 check step overrides region lrs
 @pytest.mark.parametrize("write", list(WRITES))
-@pytest.mark.parametrize("kind", KINDS + ["rows-deepcopy", "mask-after-step"])
+@pytest.mark.parametrize("kind", KINDS + ["rows-deepcopy", "mask-after-step",
+                                          "sparse-after-step"])
 def test_writes_through_the_weight_land_in_the_parts(kind, write):
-    if kind == "mask-after-step":  # regions with SGD's own settings, one FROZEN: oracle below
+    if kind.endswith("-after-step"):  # regions with SGD's own settings, FROZEN: oracle below
         ref = _linear()
-        mask = _plans()["mask"].mask
-        sm, groups = paramsplit.split(ref, {"0.weight": Regions(mask, {0: {}, 1: {"lr": 0.1},
-                                                                       2: FROZEN})})
+        frozen = _plans()["mask"].mask == 2 if kind == "mask-after-step" else \
+            ~_plans()["sparse"].mask
+        options = {0: {}, 1: {"lr": 0.1}, 2: FROZEN} if kind == "mask-after-step" else \
+            {False: {}, True: FROZEN}
+        sm, groups = paramsplit.split(ref, {"0.weight": Regions(
+            _plans()["mask"].mask if kind == "mask-after-step" else frozen, options)})
+        assert kind.split("-")[0] in paramsplit.describe(sm)
         ref = copy.deepcopy(ref)
     else:
         ref, sm, groups = _pair(kind.removesuffix("-deepcopy"))
     if kind == "rows-deepcopy":
         sm = copy.deepcopy(sm)
-    if kind == "mask-after-step":  # the store was refreshed after the optimizer changed the parts
+    if kind.endswith("-after-step"):  # the store was refreshed after the parts changed
         opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
         for model, opt in ((sm, torch.optim.SGD(groups, lr=0.1)), (ref, opt_ref)):
             model(torch.ones(2, 12)).sum().backward()
-            if model is ref:  # the oracle: frozen region 2 gets no update
-                ref[0].weight.grad.masked_fill_(_plans()["mask"].mask == 2, 0)
+            if model is ref:  # the oracle: the frozen region gets no update
+                ref[0].weight.grad.masked_fill_(frozen, 0)
             opt.step()
         _assert_same(sm, ref)
     for model in (sm, ref):
@@ -274,7 +281,7 @@ def test_owner_weight_grad_is_the_gradient_in_the_original_layout(kind):
     ref(x).square().sum().backward()
     want = ref[0].weight.grad
     frozen = {"rows": torch.arange(9)[:, None].expand(9, 12) >= 4,
-              "mask": _plans()["mask"].mask == 2}.get(kind)
+              "mask": _plans()["mask"].mask == 2, "sparse": ~_plans()["sparse"].mask}.get(kind)
     if frozen is not None:
         want = want.masked_fill(frozen, 0)
     assert torch.equal(sm[0].weight.grad, want)
