@@ -33,6 +33,7 @@ def _plans(shape=(9, 12), same=False):
         "rows": rows({(0, 4): a, (4, None): b}),
         "cols": cols({(2, 7): a}),
         "mask": Regions(torch.randint(0, 3, shape, generator=g), {0: {}, 1: a, 2: b}),
+        "sparse": Regions(torch.rand(shape, generator=g) < 0.2, {True: a, False: FROZEN}),
     }
 
 
@@ -41,7 +42,7 @@ def _mlp(dtype=torch.float32, seed=0):
     return nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 5)).to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("kind", ["rows", "cols", "mask"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "mask", "sparse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_backward_bitwise(kind, dtype):
     model = _mlp(dtype)
@@ -52,7 +53,10 @@ def test_forward_backward_bitwise(kind, dtype):
     assert torch.equal(out, want)
     out.square().sum().backward()
     want.square().sum().backward()
-    assert torch.equal(sm[0].weight.grad, ref[0].weight.grad)
+    grad = ref[0].weight.grad
+    if kind == "sparse":  # FROZEN elements get no gradient
+        grad = grad.masked_fill(~_plans()[kind].mask.to(DEVICE), 0)
+    assert torch.equal(sm[0].weight.grad, grad)
     with torch.no_grad():
         assert torch.equal(sm.eval()(x), ref.eval()(x))
 
@@ -121,7 +125,7 @@ def test_gpt2_logits_and_generate_bitwise():
     assert torch.equal(sm.generate(ids, **kw), model.generate(ids, **kw))
 
 
-@pytest.mark.parametrize("kind", ["rows", "mask"])
+@pytest.mark.parametrize("kind", ["rows", "mask", "sparse"])
 def test_compiled_training_step_matches_eager(kind):
     model = _mlp()
     eager, groups = paramsplit.split(copy.deepcopy(model), {"0.weight": _plans()[kind]})
