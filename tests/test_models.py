@@ -16,6 +16,7 @@ part's gradient goes back into the full tensor with ``full[mask_i] = part_i.grad
 from __future__ import annotations
 
 import copy
+import dataclasses
 import runpy
 import sys
 import warnings
@@ -456,6 +457,44 @@ def test_owner_adamw_per_region_options(case):
         opt.step()
         assert torch.equal(assembled(sm, case.target), ref.get_parameter(case.target))
         other_params_equal(ref, sm, case.target)
+    x = case.inputs(g)
+    assert_same(case.call(ref, x), case.call(sm, x))
+
+
+def _sparse_case(case: Case) -> Case:
+    """``case`` with a mask whose FROZEN region is most of the parameter: the sparse layout."""
+    shape = case.structure.shape
+    g = torch.Generator().manual_seed(9)
+    trained = torch.rand(shape, generator=g) < 0.15
+    trained.view(-1)[0] = trained.view(-1)[-1] = True
+    return dataclasses.replace(case, structure=Structure("mask", shape, ids=trained.long()),
+                               options=[FROZEN, {"lr": 0.05, "weight_decay": 0.0}])
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_owner_sparse_layout_is_exact(case):
+    """Every owner kind with the sparse layout: bitwise forward, the per-region AdamW oracle."""
+    case = _sparse_case(case)
+    ref, sm, groups = split_pair(case)
+    assert ps.describe(sm).splitlines()[1].endswith("sparse")
+    x = case.inputs(torch.Generator().manual_seed(1))
+    assert_same(case.call(ref, x), case.call(sm, x))
+    ref.train(case.train)
+    sm.train(case.train)
+    opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WD, foreach=False)
+    oracle, leaves = oracle_optimizer(ref, case, case.options, torch.optim.AdamW, lr=LR,
+                                      weight_decay=WD, foreach=False)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x = case.inputs(g)
+        opt.zero_grad()
+        oracle.zero_grad()
+        ref.zero_grad()
+        loss_of(case.call(ref, x)).backward()
+        loss_of(case.call(sm, x)).backward()
+        oracle_step(ref.get_parameter(case.target), oracle, leaves)
+        opt.step()
+        assert torch.equal(assembled(sm, case.target), ref.get_parameter(case.target))
     x = case.inputs(g)
     assert_same(case.call(ref, x), case.call(sm, x))
 
