@@ -7,10 +7,14 @@ A :class:`Case` is plain data (it travels to the memory probe's subprocesses as 
                 every 2-D weight of the blocks (``transformer.h.*``) is split; loss = LM loss.
 * ``generate``  the same kind of GPT-2; the "step" is ``model.generate(input_ids,
                 max_new_tokens=..., do_sample=False)`` (no optimizer).
+* ``sparse``    sparse fine-tuning (project issue 12): the same ``nn.Linear`` as ``linear``, its
+                weight trained on a random 1% or 10% of the elements and frozen elsewhere, set
+                against full fine-tuning (``_variants``: the ``sparse`` group).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +26,7 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # "linear" | "gpt2" | "generate"
+    kind: str  # "linear" | "gpt2" | "generate" | "sparse"
     sizes: dict[str, int]
     batches: tuple[int, ...]
     seq: dict[int, int]  # gpt2: batch -> training sequence length; generate: -> prompt length
@@ -36,10 +40,17 @@ class Case:
         return Case(d["kind"], d["sizes"], tuple(d["batches"]),
                     {int(k): v for k, v in d["seq"].items()})
 
+    @property
+    def is_linear(self) -> bool:
+        """An ``nn.Linear`` model (the ``linear`` and ``sparse`` tables)."""
+        return self.kind in ("linear", "sparse")
+
     def label(self) -> str:
         s = self.sizes
         if self.kind == "linear":
             return f"nn.Linear({s['in']}, {s['out']})"
+        if self.kind == "sparse":
+            return f"sparse fine-tuning, nn.Linear({s['in']}, {s['out']})"
         gpt = f"GPT-2 n_layer={s['n_layer']} n_embd={s['n_embd']} vocab={s['vocab']}"
         if self.kind == "generate":
             return f"generate(max_new_tokens={s['new_tokens']}, do_sample=False), {gpt}"
@@ -47,7 +58,7 @@ class Case:
 
     @property
     def needs_transformers(self) -> bool:
-        return self.kind != "linear"
+        return not self.is_linear
 
 
 def _gpt(n_layer: int, n_embd: int, vocab: int) -> dict[str, int]:
@@ -61,17 +72,20 @@ FULL_CASES = (
     # is shortened there (tokens per step: 512, 2048, 4096).
     Case("gpt2", _gpt(2, 256, 8000), (8, 128, 2048), {8: 64, 128: 16, 2048: 2}),
     Case("generate", {**_gpt(2, 128, 1000), "new_tokens": 32}, (1, 8), {1: 8, 8: 8}),
+    Case("sparse", {"in": 1024, "out": 4096}, (8, 128, 2048), {}),
 )
 QUICK_CASES = (
     Case("linear", {"in": 128, "out": 512}, (8, 64), {}),
     Case("gpt2", _gpt(1, 64, 500), (4,), {4: 8}),  # tensors above the mmap threshold
     Case("generate", {**_gpt(1, 64, 500), "new_tokens": 8}, (2,), {2: 4}),
+    Case("sparse", {"in": 128, "out": 512}, (8, 64), {}),
 )
 #: Per kind, a tiny case that the memory probe runs first, to pay lazy initialisation.
 TINY_CASES = {
     "linear": Case("linear", {"in": 16, "out": 32}, (2,), {}),
     "gpt2": Case("gpt2", _gpt(1, 32, 64), (2,), {2: 4}),
     "generate": Case("generate", {**_gpt(1, 32, 64), "new_tokens": 2}, (1,), {1: 2}),
+    "sparse": Case("sparse", {"in": 16, "out": 32}, (2,), {}),
 }
 
 
@@ -79,10 +93,22 @@ def have_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
+def have_peft() -> bool:
+    """Whether PEFT's SHiRA (``peft.ShiraConfig``, PEFT >= 0.17) can be used."""
+    if importlib.util.find_spec("peft") is None:
+        return False
+    try:
+        version = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    major, minor = (int(x) if x.isdigit() else 0 for x in (version.split(".") + ["0"])[:2])
+    return (major, minor) >= (0, 17)
+
+
 def build_base(case: Case) -> nn.Module:
     """The unsplit model, on the CPU, with the same weights every time."""
     torch.manual_seed(0)
-    if case.kind == "linear":
+    if case.is_linear:
         return nn.Linear(case.sizes["in"], case.sizes["out"])
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -100,14 +126,14 @@ def build_base(case: Case) -> nn.Module:
 
 def target_names(case: Case, model: nn.Module) -> list[str]:
     """The parameters every split variant splits (and the alternatives treat)."""
-    if case.kind == "linear":
+    if case.is_linear:
         return ["weight"]
     return [n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2]
 
 
 def make_inputs(case: Case, batch: int, device: torch.device) -> tuple[Tensor, ...]:
     g = torch.Generator().manual_seed(1)
-    if case.kind == "linear":
+    if case.is_linear:
         x = torch.randn(batch, case.sizes["in"], generator=g)
         y = torch.randn(batch, case.sizes["out"], generator=g)
         return x.to(device), y.to(device)
@@ -116,7 +142,7 @@ def make_inputs(case: Case, batch: int, device: torch.device) -> tuple[Tensor, .
 
 
 def task_loss(case: Case, model: nn.Module, inputs: tuple[Tensor, ...]) -> Tensor:
-    if case.kind == "linear":
+    if case.is_linear:
         return F.mse_loss(model(inputs[0]), inputs[1])
     return model(input_ids=inputs[0], labels=inputs[1], use_cache=False).loss
 
@@ -131,3 +157,5 @@ def preload(cases: list[Case]) -> None:
     """Import what building ``cases`` imports (before the memory probe forks its server)."""
     if any(c.needs_transformers for c in cases):
         import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+    if any(c.kind == "sparse" for c in cases) and have_peft():
+        import peft.tuners.shira  # noqa: F401

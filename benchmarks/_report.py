@@ -13,19 +13,50 @@ import torch
 import paramsplit
 
 from _timing import ratios
-from _variants import VARIANTS
+from _variants import REFERENCE, VARIANTS
 
 TIME_TARGET = 1.10  # a split's step time / its floor's
 MEM_TARGET = 1.05  # a split's peak memory / its floor's
+#: The sparse table (project issue 12): paramsplit's sparse split at 1% trainable
+SPARSE_VARIANT = "sparse_1"
+SPARSE_TIME_TARGET = 0.50  # ... takes at most this share of full fine-tuning's step at batch 8
+SPARSE_TARGET_BATCH = 8
+SPARSE_RIVAL = "shira"  # ... and is faster than PEFT's SHiRA at every batch
+
+
+def _checks(case: Any, batch: int, variant: str, samples: dict[str, list[float]],
+            t: dict[str, float], info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sparse table's targets for ``variant``: ``{"target", "value", "ok"}`` each."""
+    if case.kind != "sparse":
+        return []
+    out = []
+    if variant.startswith("sparse_"):  # the layout paramsplit is meant to use
+        want = "mask" if variant.startswith("sparse_mask_") else "sparse"
+        out.append({"target": f"layout {want}", "value": info.get("layout"),
+                    "ok": info.get("layout") == want})
+    if variant == SPARSE_VARIANT:
+        if batch == SPARSE_TARGET_BATCH:
+            out.append({"target": f"<= {SPARSE_TIME_TARGET:.2f}x full_ft", "value": t["ratio"],
+                        "ok": t["ratio"] <= SPARSE_TIME_TARGET})
+        if SPARSE_RIVAL in samples:
+            x = ratios(samples, variant, SPARSE_RIVAL)["ratio"]
+            out.append({"target": f"< 1x {SPARSE_RIVAL}", "value": x, "ok": x < 1.0})
+    return out
 
 
 def record(case: Any, batch: int, variant: str, samples: dict[str, list[float]], rounds: int,
-           mem: dict[str, int], build_mem: dict[str, int]) -> dict[str, Any]:
+           mem: dict[str, int], build_mem: dict[str, int],
+           info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One result. Ratios ``x`` are over the case's reference variant (``REFERENCE``: the
+    unsplit model, or full fine-tuning in the sparse table); ``info``: the variant's own facts
+    (``layout``, ``trained``: the share of the weight's elements it trains)."""
+    info = info or {}
+    ref = REFERENCE[case.kind]
     floor = VARIANTS[variant].floor
-    t = ratios(samples, variant, "baseline")
+    t = ratios(samples, variant, ref)
     tf = ratios(samples, variant, floor) if floor else None
     key = f"{variant}/{batch}"
-    m, m_base = mem.get(key), mem.get(f"baseline/{batch}")
+    m, m_base = mem.get(key), mem.get(f"{ref}/{batch}")
     m_floor = mem.get(f"{floor}/{batch}") if floor else None
     mem_ratio = m / m_base if m is not None and m_base else None
     mem_ratio_floor = m / m_floor if m is not None and m_floor else None
@@ -34,7 +65,8 @@ def record(case: Any, batch: int, variant: str, samples: dict[str, list[float]],
     noise = tf or t
     return {
         "case": case.label(), "model": case.kind, "batch": batch, "seq_len": case.seq.get(batch),
-        "variant": variant, "floor": floor, "rounds": rounds,
+        "variant": variant, "reference": ref, "floor": floor, "rounds": rounds,
+        "layout": info.get("layout"), "trained": info.get("trained"),
         "time_ms": statistics.median(samples[variant]) * 1e3,
         "time_ratio": t["ratio"], "time_ratio_min": t["min"],
         "time_ratio_floor": tf["ratio"] if tf else None,
@@ -44,6 +76,7 @@ def record(case: Any, batch: int, variant: str, samples: dict[str, list[float]],
         "mem_bytes": m, "build_mem_bytes": build_mem.get(key),
         "mem_ratio": mem_ratio, "mem_ratio_floor": mem_ratio_floor,
         "mem_target": MEM_TARGET if floor else None, "mem_ok": mem_ok,
+        "checks": _checks(case, batch, variant, samples, t, info),
         "samples_ms": [x * 1e3 for x in samples[variant]],
     }
 
@@ -81,9 +114,9 @@ def _ok(ok: bool | None) -> str:
     return "" if ok is None else ("OK" if ok else "MISS")
 
 
-def _table(rows: list[tuple[str, ...]]) -> list[str]:
+def _table(rows: list[tuple[str, ...]], left: tuple[int, ...] = (1, 2)) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w)
+    return ["  " + "  ".join(c.ljust(w) if i in left else c.rjust(w)
                              for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
 
 
@@ -113,6 +146,9 @@ def render(report: dict[str, Any]) -> str:
               "peak MB", "mem x unsplit", "mem x floor", "")
     for c in report["cases"]:
         lines += ["", f"== {c['label']} =="]
+        if c["kind"] == "sparse":
+            lines += _sparse_table(report, c)
+            continue
         if c["kind"] != "linear":
             seq = ", ".join(f"batch {b}: {s}" for b, s in c["seq"].items())
             what = "sequence length" if c["kind"] == "gpt2" else "prompt length"
@@ -135,6 +171,43 @@ def render(report: dict[str, Any]) -> str:
               for what, val, ok in (("time", r["time_ratio_floor"], r["time_ok"]),
                                     ("mem", r["mem_ratio_floor"], r["mem_ok"]))
               if ok is False]
+    misses += [f"{r['model']} b{r['batch']} {r['variant']} {_check(ck)}"
+               for r in report["results"] for ck in r.get("checks", ()) if not ck["ok"]]
     lines += ["", f"targets missed: {'; '.join(misses) if misses else 'none'}",
               f"total wall time {report['wall_s']:.1f} s"]
     return "\n".join(lines)
+
+
+def _check(ck: dict[str, Any]) -> str:
+    v = ck["value"]
+    val = f"{v:.3f}x" if isinstance(v, float) else str(v)
+    return f"{val} (target {ck['target']})"
+
+
+def _sparse_table(report: dict[str, Any], c: dict[str, Any]) -> list[str]:
+    """The sparse fine-tuning table: every variant against full fine-tuning, and its targets."""
+    lines = textwrap.wrap(
+        "x full_ft / mem x full_ft: median step time / peak memory over full fine-tuning's "
+        "(full_ft), all timed interleaved; iqr: quartiles of the per-round paired ratio; "
+        "trained: the share of the weight's elements trained; layout: paramsplit.describe's. "
+        f"Targets: {SPARSE_VARIANT} <= {SPARSE_TIME_TARGET:.2f}x full_ft at batch "
+        f"{SPARSE_TARGET_BATCH} and faster than {SPARSE_RIVAL} at every batch; sparse_* on the "
+        "layout their name says (a miss is listed).", width=110, initial_indent="   ",
+        subsequent_indent="   ")
+    rows = [("batch", "variant", "trained", "layout", "rounds", "ms", "x full_ft", "iqr",
+             "peak MB", "mem x full_ft", "targets")]
+    for r in report["results"]:
+        if r["case"] != c["label"]:
+            continue
+        mb = r["mem_bytes"] / 2**20 if r["mem_bytes"] is not None else None
+        trained = r.get("trained")
+        checks = "; ".join(f"{'OK' if ck['ok'] else 'MISS'} {_check(ck)}"
+                           for ck in r.get("checks", ()) if not ck["target"].startswith("layout")
+                           or not ck["ok"])
+        rows.append((
+            str(r["batch"]), r["variant"], "-" if trained is None else f"{trained:.2%}",
+            r.get("layout") or "-", str(r["rounds"]), _f(r["time_ms"]),
+            _f(r["time_ratio"], "{:.3f}"), f"{r['paired_q1']:.2f}-{r['paired_q3']:.2f}",
+            _f(mb, "{:.1f}"), _f(r["mem_ratio"], "{:.3f}"), checks))
+    lines += _table(rows, left=(1, 3, 10))
+    return lines

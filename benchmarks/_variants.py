@@ -14,12 +14,28 @@ Split variants use the public API only: ``paramsplit.split`` on the CPU model, t
 ``.to(device)`` and ``paramsplit.param_groups`` on other devices. The floors (``cols_floor``,
 ``mask_floor``) are the unsplit model plus exactly the extra work a split of that layout cannot
 avoid; see ``_floors``.
+
+The ``sparse`` table (sparse fine-tuning, project issue 12) has its own group, judged against
+``full_ft`` (full fine-tuning: the unsplit layer, AdamW over all of it, weight_decay
+``WD_SPARSE`` on the weight); at 1% and 10% trainable, a random bool mask with a fixed seed:
+
+* ``sparse_<p>``       ``paramsplit.Regions(mask, {True: {"weight_decay": 0.01}, False: FROZEN})``;
+                       paramsplit picks its ``sparse`` layout by itself (recorded from
+                       ``paramsplit.describe`` as ``info["layout"]``).
+* ``sparse_mask_<p>``  the same spec forced onto the gather layout (``mask``):
+                       ``paramsplit._spec._as_sparse`` returns None while ``split`` runs.
+* ``hooks_<p>``        the unsplit layer, ``weight.register_hook(lambda g: g * mask)``, AdamW over
+                       all of it (inexact: decay and the moments still move frozen elements).
+* ``shira``            PEFT's SHiRA (``peft.ShiraConfig(r=8)``, its default random mask: r * (in
+                       + out) elements, 0.98% of the Linear(1024, 4096)) on the Linear inside a
+                       wrapper module, AdamW over the PEFT model's trainable parameters (the
+                       adapter's values; the bias stays frozen). Only with ``peft`` installed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,13 +43,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import paramsplit
+import paramsplit._spec
 
-from _cases import Case, build_base, generate, make_inputs, target_names, task_loss
+from _cases import Case, build_base, generate, have_peft, make_inputs, target_names, task_loss
 from _floors import cols_floor, mask_floor
 
 LR = 1e-3
 WD_HI = 0.1
 WD_LO = 0.01
+WD_SPARSE = 0.01  # the sparse table: the trained elements' (and full fine-tuning's) decay
+SPARSE_SHARES = {"1": 0.01, "10": 0.10}  # variant suffix -> trainable share of the weight
+SHIRA_R = 8
 
 
 @dataclass
@@ -67,6 +87,7 @@ class Prepared:
     groups: list[dict[str, Any]]
     extra_loss: Callable[[], Tensor] | None = None
     after_backward: Callable[[], None] | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # reported with the results (layout, ...)
 
 
 @dataclass(frozen=True)
@@ -194,6 +215,96 @@ def parametrized(s: Setup) -> Prepared:
     return Prepared(s.model, groups)
 
 
+# -- the sparse table ---------------------------------------------------------------------------
+
+
+def _sparse_mask(s: Setup, share: float) -> Tensor:
+    """The trained elements of the weight: a random bool mask with ``share`` of them (fixed seed,
+    the same in every variant of that share)."""
+    (w,), _ = s.params()
+    g = torch.Generator().manual_seed(12)
+    return torch.rand(w.shape, generator=g) < share
+
+
+def _trained(mask: Tensor) -> dict[str, Any]:
+    return {"trained": mask.sum().item() / mask.numel()}
+
+
+def layouts(model: nn.Module) -> list[str]:
+    """The ``layout`` column of ``paramsplit.describe(model)``, one entry per split parameter."""
+    rows = [line.split() for line in paramsplit.describe(model).splitlines()[1:]]
+    seen: dict[str, str] = {}
+    for r in rows:
+        seen.setdefault(r[0], r[-1])
+    return list(seen.values())
+
+
+def full_ft(s: Setup) -> Prepared:
+    _on_device(s)
+    return Prepared(s.model, _unsplit_groups(s, WD_SPARSE), info={"trained": 1.0})
+
+
+def _sparse_split(share: float, force_mask: bool) -> Callable[[Setup], Prepared]:
+    def prepare(s: Setup) -> Prepared:
+        mask = _sparse_mask(s, share)
+        spec = {"weight": paramsplit.Regions(mask, {True: {"weight_decay": WD_SPARSE},
+                                                    False: paramsplit.FROZEN})}
+        if force_mask:
+            as_sparse = paramsplit._spec._as_sparse
+            paramsplit._spec._as_sparse = lambda *args, **kwargs: None
+            try:
+                p = _split(s, spec)
+            finally:
+                paramsplit._spec._as_sparse = as_sparse
+        else:
+            p = _split(s, spec)
+        got = layouts(p.model)
+        p.info = dict(_trained(mask), layout=got[0] if len(got) == 1 else ",".join(got))
+        return p
+
+    return prepare
+
+
+def _masked_hooks(share: float) -> Callable[[Setup], Prepared]:
+    def prepare(s: Setup) -> Prepared:
+        mask = _sparse_mask(s, share)
+        _on_device(s)
+        (w,), _ = s.params()
+        keep = mask.to(w.dtype).to(s.device)
+        w.register_hook(lambda g: g * keep)
+        return Prepared(s.model, _unsplit_groups(s, WD_SPARSE), info=_trained(mask))
+
+    return prepare
+
+
+class _Wrapper(nn.Module):
+    """A module holding the Linear (PEFT targets modules by name)."""
+
+    def __init__(self, lin: nn.Module) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x)
+
+
+def shira(s: Setup) -> Prepared:
+    import warnings
+
+    import peft
+
+    model = peft.get_peft_model(_Wrapper(s.model), peft.ShiraConfig(r=SHIRA_R,
+                                                                    target_modules=["lin"]))
+    model.to(s.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # SHiRA's forward builds a sparse_coo_tensor each step and torch warns (once) about the
+    # invariant checks; the step does not change with it
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+    n = sum(p.numel() for p in trainable)
+    return Prepared(model, [{"params": trainable, "weight_decay": WD_SPARSE}],
+                    info={"trained": n / s.model.weight.numel()})
+
+
 def _floor(make: Callable[..., Any]) -> Callable[[Setup], Prepared]:
     def prepare(s: Setup) -> Prepared:
         masks = s.random_masks()
@@ -221,14 +332,39 @@ _ALL = (
     Variant("hooks", None, "gradient hooks zeroing half of each gradient", hooks),
     Variant("parametrize", None, "torch parametrize: cat of 2 row blocks", parametrized),
 )
-VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL}
+
+
+def _sparse_variants(p: str, share: float) -> tuple[Variant, ...]:
+    return (
+        Variant(f"sparse_{p}", None, f"paramsplit.Regions, {p}% trained, the rest FROZEN "
+                "(paramsplit's own choice: the sparse layout)", _sparse_split(share, False)),
+        Variant(f"sparse_mask_{p}", None, f"the same {p}% spec forced onto the gather layout "
+                "(mask)", _sparse_split(share, True)),
+        Variant(f"hooks_{p}", None, f"gradient hook masking all but {p}% of the unsplit "
+                "weight's gradient, AdamW over all of it (inexact)", _masked_hooks(share)),
+    )
+
+
+_SPARSE = (
+    Variant("full_ft", None, "full fine-tuning: the unsplit layer, AdamW over all of it "
+            "(the sparse table's reference)", full_ft),
+    *_sparse_variants("1", SPARSE_SHARES["1"]),
+    Variant("shira", None, f"PEFT SHiRA r={SHIRA_R}, its default random mask (r * (in + out) "
+            "elements: 0.98% of a Linear(1024, 4096)), AdamW over its trainable values", shira),
+    *_sparse_variants("10", SPARSE_SHARES["10"]),
+)
+VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL + _SPARSE}
 
 #: The variants timed together for each case kind (the forum mask is the Linear's question).
 GROUPS: dict[str, tuple[str, ...]] = {
-    "linear": tuple(VARIANTS),
-    "gpt2": tuple(v for v in VARIANTS if v != "forum"),
+    "linear": tuple(v.name for v in _ALL),
+    "gpt2": tuple(v.name for v in _ALL if v.name != "forum"),
     "generate": ("baseline", "mask_floor", "mask"),
+    "sparse": tuple(v.name for v in _SPARSE if v.name != "shira" or have_peft()),
 }
+#: Per kind, the variant the others' ``x`` ratios are taken over.
+REFERENCE: dict[str, str] = {"linear": "baseline", "gpt2": "baseline", "generate": "baseline",
+                             "sparse": "full_ft"}
 
 
 # -- steps -------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ Usage::
     python benchmarks/step.py --quick          # smoke run: tiny models, one rotation
     python benchmarks/step.py --device cuda    # the same tables on CUDA
     python benchmarks/step.py --models linear --json out.json   # raw numbers, every sample
+    python benchmarks/step.py --models sparse --threads 2       # the sparse fine-tuning table
 
 Tables (``_cases``): ``nn.Linear(1024, 4096)`` at batch 8/128/2048; a GPT-2 (2 layers, n_embd 256,
-every 2-D weight of the blocks split) at batch 8/128/2048; and ``generate``: a GPT-2 (2 layers,
+every 2-D weight of the blocks split) at batch 8/128/2048; ``generate``: a GPT-2 (2 layers,
 n_embd 128, vocab 1000, every 2-D weight of the blocks split by a random 50% mask) timing
-``model.generate(input_ids, max_new_tokens=32, do_sample=False)``. The GPT-2 tables need
-``transformers``; without it they are skipped with a note.
+``model.generate(input_ids, max_new_tokens=32, do_sample=False)``; and ``sparse``: sparse
+fine-tuning (project issue 12) of the ``nn.Linear(1024, 4096)`` at batch 8/128/2048. The GPT-2
+tables need ``transformers``; without it they are skipped with a note.
 
 Variants (``_variants``, ``_floors``), every one from the same initial weights; a step is
 ``zero_grad(set_to_none=True)`` + forward + loss + backward + ``AdamW.step``:
@@ -38,8 +40,25 @@ Variants (``_variants``, ``_floors``), every one from the same initial weights; 
 
 The ``generate`` table has ``baseline``, ``mask_floor`` and ``mask`` (no optimizer).
 
+The ``sparse`` table has variants of its own, every ratio over ``full_ft``; a random bool mask
+(fixed seed) picks 1% or 10% of the weight to train (``weight_decay`` 0.01), the rest is frozen:
+
+* ``full_ft``          full fine-tuning: the unsplit layer, AdamW over all of it (the reference).
+* ``sparse_1/10``      ``paramsplit.split(layer, {"weight": Regions(mask, {True: {...}, False:
+                       FROZEN})})``: paramsplit picks its ``sparse`` layout by itself (the
+                       ``layout`` column and JSON field: from ``paramsplit.describe``).
+* ``sparse_mask_1/10`` the same spec forced onto the gather layout (``mask``):
+                       ``paramsplit._spec._as_sparse`` patched to return None during ``split``.
+* ``hooks_1/10``       the unsplit layer, ``weight.register_hook(lambda g: g * mask)``, AdamW over
+                       all of it (inexact: decay and the moments still move frozen elements).
+* ``shira``            PEFT's SHiRA, ``ShiraConfig(r=8)`` with its default random mask (0.98% of
+                       the weight) on the Linear in a wrapper module, AdamW over the PEFT model's
+                       trainable parameters; needs ``peft`` >= 0.17, else skipped with a note.
+
 Targets: each split (rows, cols, forum, mask) within 1.10x of its floor's step time, and its
-peak memory within 1.05x of its floor's. Misses are listed at the end ("targets missed").
+peak memory within 1.05x of its floor's; in the sparse table, ``sparse_1`` at most 0.50x
+``full_ft``'s step time at batch 8 and faster than ``shira`` at every batch, and the sparse_*
+variants on the layout their name says. Misses are listed at the end ("targets missed").
 
 Time (``_timing``): all variants of one table are built, warmed up (2 steps each) and timed
 interleaved in this process, the order rotating every round, in whole rotations until
@@ -75,8 +94,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"),
                     help="where to write every record (default: benchmarks/results.json)")
-    ap.add_argument("--models", default="linear,gpt2,generate",
-                    help="comma-separated tables: linear,gpt2,generate")
+    ap.add_argument("--models", default="linear,gpt2,generate,sparse",
+                    help="comma-separated tables: linear,gpt2,generate,sparse")
     ap.add_argument("--batches", default=None, help="comma-separated subset of the batches")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of timed rounds per table and batch (default 35; CUDA 10)")
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from _cases import FULL_CASES, QUICK_CASES, have_transformers, preload
+    from _cases import FULL_CASES, QUICK_CASES, have_peft, have_transformers, preload
     from _memory import Probe
     from _report import MEM_TARGET, TIME_TARGET, machine_info, record, render
     from _timing import time_interleaved
@@ -130,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             skipped.append({"label": c.label(), "reason": "transformers is not installed"})
         else:
             cases.append(c)
+            if c.kind == "sparse" and not have_peft():
+                skipped.append({"label": f"shira in {c.label()}",
+                                "reason": "peft (>= 0.17, with SHiRA) is not installed"})
     preload(cases)
     probe = None if args.no_memory else Probe(args.device)  # forks here, before tensor work
     threads = args.threads if args.threads is not None else (1 if args.quick else None)
@@ -164,15 +186,18 @@ def main(argv: list[str] | None = None) -> int:
                               "budget_s": budget, "machine": machine_info(args.device),
                               "targets": {"time_x_floor": TIME_TARGET, "mem_x_floor": MEM_TARGET},
                               "variants": {v.name: {"floor": v.floor, "what": v.what}
-                                           for v in VARIANTS.values()},
+                                           for v in VARIANTS.values()
+                                           if any(v.name in GROUPS[c.kind] for c in cases)},
                               "cases": [], "results": [], "skipped": skipped}
     for case in cases:
         variants = GROUPS[case.kind]
         n = len(variants)
         timed = {}
+        info: dict[int, dict[str, dict[str, Any]]] = {}
         for batch in batches_of(case):
             _progress(t0, f"timing {case.label()} batch {batch}")
             runners = {v: build(case, v, batch, args.device) for v in variants}
+            info[batch] = {v: r.prepared.info for v, r in runners.items()}
             timed[batch] = time_interleaved({v: r.step for v, r in runners.items()}, budget,
                                             min_rounds=n, max_rounds=n if args.quick else 40 * n,
                                             warmup=1 if args.quick else 2, sync=sync)
@@ -194,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "seq": {b: case.seq[b] for b in timed if b in case.seq}})
         for batch, (samples, rounds) in timed.items():
             for v in variants:
-                report["results"].append(record(case, batch, v, samples, rounds, mem, build_mem))
+                report["results"].append(record(case, batch, v, samples, rounds, mem, build_mem,
+                                                info[batch][v]))
     if probe is not None:
         probe.close()
     report["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

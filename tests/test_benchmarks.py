@@ -8,10 +8,12 @@ transformers are imported already).
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +26,22 @@ BENCH = ROOT / "benchmarks"
 
 ALL = {"baseline", "rows", "cols_floor", "cols", "forum", "mask_floor", "mask", "penalty", "hooks",
        "parametrize"}
-GROUPS = {"linear": ALL, "gpt2": ALL - {"forum"}, "generate": {"baseline", "mask_floor", "mask"}}
+SPARSE = {"full_ft", "sparse_1", "sparse_mask_1", "hooks_1", "sparse_10", "sparse_mask_10",
+          "hooks_10"}
+
+def _have_shira() -> bool:
+    """As benchmarks/_cases.have_peft: peft >= 0.17 (SHiRA) installed."""
+    try:
+        version = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return tuple(int(x) if x.isdigit() else 0 for x in version.split(".")[:2]) >= (0, 17)
+
+
+HAVE_SHIRA = _have_shira()
+GROUPS = {"linear": ALL, "gpt2": ALL - {"forum"}, "generate": {"baseline", "mask_floor", "mask"},
+          "sparse": SPARSE | ({"shira"} if HAVE_SHIRA else set())}
+REFERENCE = {"sparse": "full_ft"}  # the others: "baseline"
 FLOORS = {"rows": "baseline", "cols": "cols_floor", "forum": "cols_floor", "mask": "mask_floor"}
 
 
@@ -111,7 +128,8 @@ def test_step_quick_reports_every_variant_against_its_floor(gpu_check):
         for batch in batches:
             got = {r["variant"]: r for r in results if r["model"] == kind and r["batch"] == batch}
             assert set(got) == GROUPS[kind], (kind, batch)
-            assert got["baseline"]["time_ratio"] == 1.0 and got["baseline"]["mem_ratio"] == 1.0
+            ref = REFERENCE.get(kind, "baseline")
+            assert got[ref]["time_ratio"] == 1.0 and got[ref]["mem_ratio"] == 1.0
             for v, r in got.items():
                 where = (kind, batch, v)
                 assert len(r["samples_ms"]) == r["rounds"] >= len(got), where
@@ -129,3 +147,30 @@ def test_step_quick_reports_every_variant_against_its_floor(gpu_check):
                     assert r["time_ratio_floor"] is None and r["time_ok"] is None, where
                 if v == "rows":  # its floor is the unsplit step
                     assert r["time_ratio_floor"] == r["time_ratio"]
+
+
+def test_step_quick_has_the_sparse_table(gpu_check):
+    report = json.loads((gpu_check.out / "step_cpu_quick.json").read_text())
+    results = [r for r in report["results"] if r["model"] == "sparse"]
+    assert results, "no sparse table in the quick run"
+    assert "== sparse fine-tuning, nn.Linear(" in gpu_check.output
+    assert any(s["label"].startswith("shira") for s in report["skipped"]) == (not HAVE_SHIRA)
+    for r in results:
+        where = (r["batch"], r["variant"])
+        assert r["reference"] == "full_ft" and r["floor"] is None, where
+        assert 0 < r["trained"] <= 1, where
+        layout = {"sparse_1": "sparse", "sparse_10": "sparse", "sparse_mask_1": "mask",
+                  "sparse_mask_10": "mask"}.get(r["variant"])
+        assert r["layout"] == layout, where  # paramsplit chose the sparse layout by itself
+        checks = {c["target"]: c for c in r["checks"]}
+        if layout:
+            assert checks.pop(f"layout {layout}")["ok"] is True, where
+        if r["variant"] == "sparse_1":
+            if r["batch"] == 8:
+                assert _positive(checks.pop("<= 0.50x full_ft")["value"]), where
+            if HAVE_SHIRA:
+                assert _positive(checks.pop("< 1x shira")["value"]), where
+        assert not checks, where
+    # the printed row of sparse_1 at batch 8 carries its targets' verdicts
+    row = re.search(r"^ +8  sparse_1 .*$", gpu_check.output, re.MULTILINE)
+    assert row and re.search(r"(OK|MISS) [\d.]+x \(target <= 0\.50x full_ft\)", row[0]), row
