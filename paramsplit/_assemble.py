@@ -68,7 +68,7 @@ def _layout(module: nn.Module, attr: str) -> _Layout:
 @dataclass
 class _Cache:
     store: Tensor
-    key: tuple[Any, ...]  # the parts' storage, dtype and device the store was built for
+    key: tuple[Any, ...]  # the parts (identity, memory, dtype, device) it was built for
     store_version: int
     parts_version: tuple[int, ...]
     stepped: bool = False  # an optimizer holding the parts stepped since the last sync
@@ -84,22 +84,24 @@ def _plain(layout: _Layout, parts: list[Tensor]) -> bool:
     """Whether the store can serve ``parts``: they are the parts paramsplit made (tagged; not,
     say, FSDP2's unsharded copies, which it refills without bumping version counters, nor
     ``functional_call``'s stand-ins), they own plain storage, and nothing is tracing."""
-    return not _traced() and all(
-        getattr(p, _PART, (None,))[0] is layout and _has_storage(p) for p in parts)
+    return not _traced() and all(getattr(p, _PART, (None,))[0] is layout for p in parts) \
+        and _has_storage(parts[0])  # parts are all plain or all sharded
 
 
-def _sync(module: nn.Module, attr: str) -> Tensor:
+def _sync(module: nn.Module, attr: str, parts: list[Tensor] | None = None) -> Tensor:
     """The store of ``module.<attr>``, up to date with the parts (see the module docstring)."""
     layout = _layout(module, attr)
-    parts = _parts(module, attr, layout)
-    if not layout.linked(tuple(parts)):  # e.g. after copy.deepcopy or pickling: one base again
-        layout.cache = None
-        layout.relink(parts)
+    parts = _parts(module, attr, layout) if parts is None else parts
     c: _Cache | None = layout.cache
+    key = tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in parts)
+    if c is None or c.key != key:  # first use, or the parts moved: check they are one base
+        if not layout.linked(tuple(parts)):  # e.g. after copy.deepcopy or pickling
+            layout.relink(parts)
+            key = tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in parts)
+        c = None
     first = parts[0]
-    key = (first.untyped_storage().data_ptr(), first.dtype, first.device)
     versions = tuple(p._version for p in layout.linked_of(parts))
-    if c is None or c.key != key:
+    if c is None:
         if layout.kind == "rows":
             store = first.detach().as_strided(layout.shape, _contiguous_strides(layout.shape), 0)
         elif layout.kind == "sparse":  # the held FROZEN part is the original-layout tensor
@@ -292,7 +294,7 @@ def _assembled(module: nn.Module, attr: str) -> Tensor:
         if wants and not out.requires_grad and not _traced():
             out = out.detach().requires_grad_()  # under no_grad: look like the parameter
         return out
-    store = _sync(module, attr)
+    store = _sync(module, attr, parts)
     if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
         return _Route.apply(layout, (module, attr), store, *parts)  # type: ignore[no-any-return]
     return _alias(store, (module, attr), wants)
