@@ -25,6 +25,7 @@ assembly is a plain differentiable ``torch.cat`` / ``index_select`` of the parts
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +41,17 @@ _PART = "_paramsplit_part"
 
 
 def _part_names(attr: str, layout: _Layout) -> list[str]:
-    return [f"{attr}__{i}" for i in range(len(layout.regions))]
+    return list(_names(attr, len(layout.regions)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _names(attr: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{attr}__{i}" for i in range(n))
 
 
 def _parts(module: nn.Module, attr: str, layout: _Layout) -> list[Tensor]:
-    return [module._parameters[n] for n in _part_names(attr, layout)]  # type: ignore[misc]
+    params = module._parameters
+    return [params[n] for n in _names(attr, len(layout.regions))]  # type: ignore[misc]
 
 
 def _index(module: nn.Module, attr: str, layout: _Layout, which: str) -> Tensor | None:
@@ -72,6 +79,7 @@ class _Cache:
     store_version: int
     parts_version: tuple[int, ...]
     stepped: bool = False  # an optimizer holding the parts stepped since the last sync
+    leaf: _Full | None = None  # the alias no-grad reads return while nothing changes
 
 
 def _traced() -> bool:
@@ -297,7 +305,10 @@ def _assembled(module: nn.Module, attr: str) -> Tensor:
     store = _sync(module, attr, parts)
     if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
         return _Route.apply(layout, (module, attr), store, *parts)  # type: ignore[no-any-return]
-    return _alias(store, (module, attr), wants)
+    c: _Cache = layout.cache
+    if c.leaf is None or c.leaf.requires_grad != wants or c.leaf._paramsplit_owner[0] is not module:
+        c.leaf = _alias(store, (module, attr), wants)  # eval loops, generate: one per change
+    return c.leaf
 
 
 class _Route(torch.autograd.Function):
