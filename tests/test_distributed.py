@@ -1,20 +1,28 @@
 """Split models under torch.distributed: DDP and FSDP2 (``fully_shard``).
 
-Each test spawns 2 CPU processes that talk over gloo on 127.0.0.1 and compares what they train
-with single-process training of an identically split model on the full batch. The losses are
-means, so DDP's / FSDP's gradient averaging over the 2 half batches matches the full batch.
+Every scenario runs in 2 CPU processes that talk over gloo on 127.0.0.1 and compares what they
+train with single-process training of an identically split model on the full batch. The losses
+are means, so DDP's / FSDP's gradient averaging over the 2 half batches matches the full batch.
 
-The workers compute and ``torch.save`` their results into ``tmp_path`` (they only assert their
-own setup); the results are checked in the pytest process. Every spawn has a deadline (:data:`TIMEOUT_S`) and every collective a
-gloo timeout, so a hang fails the test instead of blocking the run.
+Starting the 2 processes (spawn + imports) costs far more than any scenario, so the module spawns
+them once (the ``dist_run`` fixture): each rank runs the workers of every selected scenario in
+turn, each in a fresh process group with the RNG state of a fresh process, and ``torch.save``-s
+its results into that scenario's own folder (the workers only assert their own setup). One test
+per scenario checks its results in the pytest process. A worker's exception is recorded per
+scenario and rank and fails that scenario's test only. Every scenario has a deadline
+(:data:`TIMEOUT_S`, watched by the pytest process) and every collective a gloo timeout, so a hang
+fails the tests of the scenarios it stopped instead of blocking the run.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +36,7 @@ from torch import nn
 import paramsplit
 
 WORLD = 2
-TIMEOUT_S = 45.0  # deadline for one spawn (normal runs take a few seconds)
+TIMEOUT_S = 45.0  # deadline for one scenario, process start included (normal: seconds)
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 STEPS = 3
 LR = 0.01
@@ -123,7 +131,10 @@ def _assert_frozen_unchanged(merged: dict[str, torch.Tensor], seed: int = 0) -> 
     assert not torch.equal(merged["0.weight"], initial["0.weight"])
 
 
-# -- spawning ---------------------------------------------------------------------------------
+# -- spawning: one spawn per module runs every scenario --------------------------------------
+
+Worker = Callable[[int, Path], None]
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -131,29 +142,136 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[[int, Path], None], port: int, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
+def _run_scenario(rank: int, index: int, fn: Worker, store: dist.Store, out: Path,
+                  rng_state: torch.Tensor) -> None:
+    """Run ``fn(rank, out)`` in a process group of its own; record an exception in ``out``."""
+    # Both ranks start together (the peer may still be timing out of the previous scenario).
+    store.set(f"enter/{index}/{rank}", "1")
+    store.wait([f"enter/{index}/{r}" for r in range(WORLD)],
+               datetime.timedelta(seconds=2 * TIMEOUT_S))
+    (out / f"started{rank}").touch()
+    torch.set_rng_state(rng_state)  # the RNG state of a fresh process, as when spawned alone
+    # A fresh group: a failed scenario's pending collectives cannot reach the next one.
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"scenario{index}/", store),
+                            rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     try:
-        fn(rank, Path(out))
+        fn(rank, out)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - reported by the scenario's test
+        (out / f"error{rank}.txt").write_text(traceback.format_exc())
+    # Outside the except block: the traceback no longer holds the scenario's models, so the
+    # group's connections close now and a peer blocked in a collective fails at once.
+    dist.destroy_process_group()
+    gc.collect()
+    (out / f"finished{rank}").touch()
 
 
-def _spawn(fn: Callable[[int, Path], None], out: Path) -> None:
-    """Run ``fn(rank, out)`` in WORLD processes; fail on an error or past the deadline."""
-    ctx = mp.spawn(_entry, args=(fn, _free_port(), str(out)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1.0):  # raises ProcessRaisedException if a worker failed
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s (hang?)")
+def _entry(rank: int, workers: list[Worker], port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    rng_state = torch.get_rng_state()
+    store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=2 * TIMEOUT_S))
+    for index, fn in enumerate(workers):
+        _run_scenario(rank, index, fn, store, Path(out) / fn.__name__, rng_state)
+    # The master's store must outlive the other ranks' last use of it.
+    store.set(f"exit/{rank}", "1")
+    store.wait([f"exit/{r}" for r in range(WORLD)], datetime.timedelta(seconds=2 * TIMEOUT_S))
+    # Everything is on disk: skip the interpreter's teardown of torch (~1.5 s), unless coverage
+    # is measuring this process and writes its data at exit.
+    if "coverage" not in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+class _Run:
+    """The outputs of one spawn that ran ``workers``; why it ended early, if it did."""
+
+    def __init__(self, out: Path, workers: list[Worker]) -> None:
+        self.out, self.workers = out, workers
+        self.failure: str | None = None
+        for fn in workers:
+            (out / fn.__name__).mkdir()
+
+    def _finished(self) -> int:
+        return sum(1 for fn in self.workers for rank in range(WORLD)
+                   if (self.out / fn.__name__ / f"finished{rank}").exists())
+
+    def _running(self) -> str:
+        where = []
+        for rank in range(WORLD):
+            running = [fn.__name__ for fn in self.workers
+                       if (self.out / fn.__name__ / f"started{rank}").exists()
+                       and not (self.out / fn.__name__ / f"finished{rank}").exists()]
+            where.append(f"rank {rank} in {running[0]}" if running
+                         else f"rank {rank} outside any scenario")
+        return ", ".join(where)
+
+    def spawn(self) -> None:
+        """Run the workers in WORLD processes; stop on a crash or when a scenario is past
+        its deadline (TIMEOUT_S without a scenario finishing on some rank)."""
+        ctx = mp.spawn(_entry, args=(self.workers, _free_port(), str(self.out)), nprocs=WORLD,
+                       join=False)
+        finished, deadline = 0, time.monotonic() + TIMEOUT_S
+        try:
+            while not ctx.join(timeout=0.5):
+                if self._finished() > finished:
+                    finished, deadline = self._finished(), time.monotonic() + TIMEOUT_S
+                elif time.monotonic() > deadline:
+                    self.failure = (f"distributed workers did not finish within {TIMEOUT_S} s "
+                                    f"(hang? {self._running()})")
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.kill()
+                    for p in ctx.processes:
+                        p.join(5)
+                    return
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            self.failure = f"a distributed worker process failed ({self._running()}):\n{e}"
+
+    def outputs(self, fn: Worker) -> Path:
+        """The folder of ``fn``'s outputs; fail if a rank raised or did not finish it."""
+        assert fn in self.workers, f"{fn.__name__} was not run: _scenarios() missed its test"
+        out = self.out / fn.__name__
+        failures = [f"rank {rank} raised in {fn.__name__}:\n{error.read_text()}"
+                    for rank in range(WORLD) if (error := out / f"error{rank}.txt").exists()]
+        missing = [rank for rank in range(WORLD) if not (out / f"finished{rank}").exists()]
+        if missing:
+            failures.append(f"{fn.__name__} did not finish on rank(s) {missing}: {self.failure}")
+        if failures:
+            pytest.fail("\n".join(failures), pytrace=False)
+        return out
+
+
+def _scenario(fn: Worker) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Declare the worker of a test that is not parametrized by ``worker``."""
+    def mark(test: Callable[..., None]) -> Callable[..., None]:
+        test.dist_worker = fn  # type: ignore[attr-defined]
+        return test
+    return mark
+
+
+def _scenarios(items: list[pytest.Item], path: Path) -> list[Worker]:
+    """The workers the selected tests of this module need, in the order of their tests."""
+    workers: list[Worker] = []
+    for item in items:
+        if item.path != path:
+            continue
+        callspec = getattr(item, "callspec", None)
+        fn = (callspec.params.get("worker") if callspec is not None else None) \
+            or getattr(getattr(item, "function", None), "dist_worker", None)
+        if fn is not None and fn not in workers:
+            workers.append(fn)
+    return workers
+
+
+@pytest.fixture(scope="module")
+def dist_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> _Run:
+    """One spawn for the module: its 2 ranks run the workers of every selected scenario."""
+    run = _Run(tmp_path_factory.mktemp("distributed"),
+               _scenarios(request.session.items, request.path))
+    run.spawn()
+    return run
 
 
 def _load(out: Path, name: str) -> list[Any]:
@@ -184,9 +302,8 @@ def _ddp_worker_bucket_view(rank: int, out: Path) -> None:
 
 @pytest.mark.parametrize("worker", [_ddp_worker_plain, _ddp_worker_bucket_view],
                          ids=["grad-copy", "gradient_as_bucket_view"])
-def test_ddp_matches_single_process(tmp_path: Path, worker: Callable[[int, Path], None]) -> None:
-    _spawn(worker, tmp_path)
-    merged = _load(tmp_path, "ddp")
+def test_ddp_matches_single_process(dist_run: _Run, worker: Worker) -> None:
+    merged = _load(dist_run.outputs(worker), "ddp")
     want = _reference()
     for rank in range(WORLD):
         _assert_close_dicts(merged[rank], want)
@@ -264,12 +381,11 @@ def _fsdp_load_merged_worker(rank: int, out: Path) -> None:
 @pytest.mark.parametrize("worker,seed", [(_fsdp_train_worker, 0), (_fsdp_to_worker, 0),
                                          (_fsdp_load_merged_worker, 7)],
                          ids=["train", "module-to-after-fully-shard", "load-merged-state-dict"])
-def test_fsdp2_matches_single_process(tmp_path: Path, worker: Callable[[int, Path], None],
-                                      seed: int) -> None:
+def test_fsdp2_matches_single_process(dist_run: _Run, worker: Worker, seed: int) -> None:
     """Training (from ``_model(seed)``'s weights) matches single-process training."""
-    _spawn(worker, tmp_path)
+    out = dist_run.outputs(worker)
     want = _reference(seed=seed)
-    for state in _load(tmp_path, "fsdp"):
+    for state in _load(out, "fsdp"):
         merged = _merged_from_parts(state)
         _assert_close_dicts(merged, want)
         _assert_frozen_unchanged(merged, seed)
@@ -313,11 +429,12 @@ def _fsdp_checkpoint_worker(rank: int, out: Path) -> None:
                out / f"ckpt{rank}.pt")
 
 
-def test_fsdp2_sharded_checkpoint_save_load(tmp_path: Path) -> None:
-    _spawn(_fsdp_checkpoint_worker, tmp_path)
+@_scenario(_fsdp_checkpoint_worker)
+def test_fsdp2_sharded_checkpoint_save_load(dist_run: _Run) -> None:
+    out = dist_run.outputs(_fsdp_checkpoint_worker)
     want = _reference()
     after_one_step = _reference(steps=1)
-    for result in _load(tmp_path, "ckpt"):
+    for result in _load(out, "ckpt"):
         _assert_close_dicts(_merged_from_parts(result["after_load"]), after_one_step)
         for key, value in result["uninterrupted"].items():  # resuming changes nothing at all
             assert torch.equal(result["resumed"][key], value), key
@@ -343,15 +460,16 @@ def _fsdp_merged_worker(rank: int, out: Path) -> None:
     torch.save({"weights": weights, "merged": merged}, out / f"merged{rank}.pt")
 
 
-def test_fsdp2_merged_state_dict_of_sharded_model(tmp_path: Path) -> None:
+@_scenario(_fsdp_merged_worker)
+def test_fsdp2_merged_state_dict_of_sharded_model(dist_run: _Run) -> None:
     """``model.<attr>`` and ``merged_state_dict`` work on a fully_shard-ed split model.
 
     Outside forward the parts are sharded DTensors; the assembled tensor is a DTensor whose
     full tensor is the original-layout weight.
     """
-    _spawn(_fsdp_merged_worker, tmp_path)
+    out = dist_run.outputs(_fsdp_merged_worker)
     want = _reference()
-    for result in _load(tmp_path, "merged"):
+    for result in _load(out, "merged"):
         _assert_close_dicts(result["merged"], want)
         _assert_frozen_unchanged(result["merged"])
         for key, value in result["weights"].items():
