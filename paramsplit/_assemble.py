@@ -80,6 +80,7 @@ class _Cache:
     parts_version: tuple[int, ...]
     stepped: bool = False  # an optimizer holding the parts stepped since the last sync
     leaf: _Full | None = None  # the alias no-grad reads return while nothing changes
+    flags: tuple[bool, ...] = ()  # the parts' requires_grad when ``leaf`` was made
 
 
 def _traced() -> bool:
@@ -96,16 +97,21 @@ def _plain(layout: _Layout, parts: list[Tensor]) -> bool:
         and _has_storage(parts[0])  # parts are all plain or all sharded
 
 
+def _key(parts: list[Tensor]) -> tuple[Any, ...]:
+    """What the store was built for: the parts' identity, memory, dtype and device."""
+    return tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in parts)
+
+
 def _sync(module: nn.Module, attr: str, parts: list[Tensor] | None = None) -> Tensor:
     """The store of ``module.<attr>``, up to date with the parts (see the module docstring)."""
     layout = _layout(module, attr)
     parts = _parts(module, attr, layout) if parts is None else parts
     c: _Cache | None = layout.cache
-    key = tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in parts)
+    key = _key(parts)
     if c is None or c.key != key:  # first use, or the parts moved: check they are one base
         if not layout.linked(tuple(parts)):  # e.g. after copy.deepcopy or pickling
             layout.relink(parts)
-            key = tuple((id(p), p.data_ptr(), p.dtype, p.device) for p in parts)
+            key = _key(parts)
         c = None
     first = parts[0]
     versions = tuple(p._version for p in layout.linked_of(parts))
@@ -129,6 +135,8 @@ def _sync(module: nn.Module, attr: str, parts: list[Tensor] | None = None) -> Te
     if written and stepped and torch.equal(layout.base_from(c.store, perm),
                                            layout.flat_base(parts)):
         written = stepped = False  # both written alike (a load, DDP's broadcast, an EMA copy)
+    if not (written or stepped):
+        return c.store
     if written and stepped:
         layout.cache = None
         raise RuntimeError(
@@ -295,6 +303,10 @@ def _assembled(module: nn.Module, attr: str) -> Tensor:
     """``module.<attr>`` of a split parameter."""
     layout = _layout(module, attr)
     parts = _parts(module, attr, layout)
+    c: _Cache | None = layout.cache
+    if c is not None and c.leaf is not None and not torch.is_grad_enabled() \
+            and c.leaf._paramsplit_owner[0] is module and _unchanged(layout, c, parts):
+        return c.leaf  # the fast path of eval loops and generate: nothing changed
     plain = _plain(layout, parts)
     wants = _wants_grad(layout, parts, plain)
     if not plain:
@@ -305,10 +317,21 @@ def _assembled(module: nn.Module, attr: str) -> Tensor:
     store = _sync(module, attr, parts)
     if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
         return _Route.apply(layout, (module, attr), store, *parts)  # type: ignore[no-any-return]
-    c: _Cache = layout.cache
+    c = layout.cache
+    assert c is not None
     if c.leaf is None or c.leaf.requires_grad != wants or c.leaf._paramsplit_owner[0] is not module:
         c.leaf = _alias(store, (module, attr), wants)  # eval loops, generate: one per change
+        c.flags = tuple(p.requires_grad for p in parts)
     return c.leaf
+
+
+def _unchanged(layout: _Layout, c: _Cache, parts: list[Tensor]) -> bool:
+    """Whether nothing changed since ``c.leaf`` was handed out: the parts (identity, memory,
+    values, ``requires_grad``), the store, and no optimizer step or tracing since."""
+    return (not c.stepped and c.store._version == c.store_version
+            and c.parts_version == tuple(p._version for p in layout.linked_of(parts))
+            and c.flags == tuple(p.requires_grad for p in parts) and c.key == _key(parts)
+            and not _traced())
 
 
 class _Route(torch.autograd.Function):
