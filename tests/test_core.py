@@ -428,6 +428,23 @@ def test_parameter_read_outside_its_owner_forward(kind):
     assert torch.all(grad[frozen] == 0)
 
 
+def _train_alike(*runs, features):
+    """Three AdamW steps of each ``(model, groups)`` on the same data; their state dicts agree
+    bitwise. Returns the optimizers."""
+    opts = [torch.optim.AdamW(groups, lr=1e-2) for _, groups in runs]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x = torch.randn(4, features, generator=g)
+        for (m, _), opt in zip(runs, opts):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    first = runs[0][0].state_dict()
+    for m, _ in runs[1:]:
+        assert all(torch.equal(first[k], v) for k, v in m.state_dict().items())
+    return opts
+
+
 @pytest.mark.parametrize("which", ["forum-cols", "rows", "cols-3"])
 def test_masks_that_are_blocks_take_the_block_layout_and_train_like_the_mask_path(
         which, monkeypatch):
@@ -450,16 +467,7 @@ def test_masks_that_are_blocks_take_the_block_layout_and_train_like_the_mask_pat
     mask_model, mask_groups = paramsplit.split(copy.deepcopy(model), {"0": plan})  # no sharing
     assert "mask" in paramsplit.describe(mask_model)
     assert sorted(g["name"] for g in groups) == sorted(g["name"] for g in mask_groups)
-    opts = [torch.optim.AdamW(g, lr=1e-2) for g in (groups, mask_groups)]
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x = torch.randn(4, 10, generator=g)
-        for m, opt in zip((split_model, mask_model), opts):
-            opt.zero_grad()
-            m(x).square().sum().backward()
-            opt.step()
-    a, b = split_model.state_dict(), mask_model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    _train_alike((split_model, groups), (mask_model, mask_groups), features=10)
     if which == "rows":
         assert split_model[0].weight.data_ptr() == split_model[0].weight__0.data_ptr()
 
@@ -480,16 +488,8 @@ def test_mostly_frozen_masks_take_the_sparse_layout_and_train_like_the_mask_path
     mask_model, mask_groups = paramsplit.split(copy.deepcopy(model), {"0": plan})
     assert "mask" in paramsplit.describe(mask_model)
     assert sorted(g["name"] for g in groups) == sorted(g["name"] for g in mask_groups)
-    opts = [torch.optim.AdamW(g, lr=1e-2) for g in (groups, mask_groups)]
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x = torch.randn(4, 16, generator=g)
-        for m, opt in zip((split_model, mask_model), opts):
-            opt.zero_grad()
-            m(x).square().sum().backward()
-            opt.step()
-    a, b = split_model.state_dict(), mask_model.state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    opts = _train_alike((split_model, groups), (mask_model, mask_groups), features=16)
+    a = split_model.state_dict()
     assert torch.equal(a["0.weight"][~mask], model[0].weight[~mask])  # FROZEN: never moved
     state = sum(t.numel() for s in opts[0].state.values() for t in s.values() if t.dim() > 0)
     trained_elems = int(mask.sum()) + 40 + 40 * 3 + 3  # the trained elements and the rest
