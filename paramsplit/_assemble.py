@@ -4,13 +4,15 @@ The original-layout values of a split parameter live in one *store* tensor:
 
 * ``rows``: the store is the parts' own base. Parts and store are one memory: always in sync,
   no copy, and any write through ``owner.weight`` lands in the parts.
+* ``sparse``: the store is the FROZEN part (the whole tensor); only the trained elements are
+  copied in, and only they are written back.
 * ``cols`` and masks: the store is a tensor of its own. At every use (``owner.weight``, the
   owner's forward, ``state_dict``, ``.to()``...) it is refreshed from the parts if they changed
   (the optimizer stepped: version counters, and an optimizer-step hook for fused optimizers,
   which bump none), or written back into the parts if *it* was written (``nn.init``, ``.data``,
   ``Embedding(max_norm=...)``'s renormalisation, ``load_state_dict``...). Written on both sides
-  since the last use is ambiguous and raises. Nothing changed: nothing is copied (eval loops,
-  ``generate``).
+  since the last use, to different values, is ambiguous and raises (alike, as by a load or DDP's
+  broadcast, is fine). Nothing changed: nothing is copied (eval loops, ``generate``).
 
 ``owner.weight`` is a :class:`_Full`, an alias of the store (shared storage and version counter,
 so its writes are seen): in grad mode the output of :class:`_Route`, whose backward hands each
