@@ -10,10 +10,10 @@ A split parameter of shape ``S`` becomes one sub-parameter ("part") per region. 
   original layout is not dense, and fused optimizers mishandle such views.
 * ``mask``: the base is 1-D with the elements sorted by region (stable); part ``i`` is a slice of
   it. ``inv`` gathers the base into the original layout, ``perm`` gathers back.
-* ``sparse`` (a mask whose FROZEN region holds most elements): part 0, FROZEN, is a whole tensor
-  in the original layout; the trained regions' parts are slices of a small 1-D base, ``perm``
-  their positions. Assembly writes just them into part 0 (``index_copy_``), which the forward
-  then reads; work and optimizer state scale with the trained elements, not the tensor.
+* ``sparse`` (a mask whose FROZEN region holds most elements): the FROZEN part (``held``) is a
+  whole tensor in the original layout; the trained regions' parts are slices of a small 1-D base,
+  ``perm`` their positions. Assembly writes just them into the held part (``index_copy_``), which
+  the forward then reads; work and optimizer state scale with the trained elements.
 
 This module only describes layouts and moves values between the two layouts; keeping the
 original-layout tensor in sync with the parts is ``_assemble``'s job.
@@ -21,6 +21,7 @@ original-layout tensor in sync with the parts is ``_assemble``'s job.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +41,8 @@ except ImportError:  # pragma: no cover - torch built without distributed
 def _has_storage(t: Tensor) -> bool:
     """Whether ``t`` owns plain storage: not a wrapper such as FSDP2's DTensor or a
     ``torch.func`` transform's tensor."""
-    return not (is_traceable_wrapper_subclass(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
-                or t.device.type == "meta")
+    return not (is_traceable_wrapper_subclass(t) or t.device.type == "meta"
+                or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def _sharded(t: Tensor) -> bool:
@@ -87,7 +88,7 @@ class _Layout:
     def sizes(self) -> list[int]:
         return [r.numel for r in self.regions]
 
-    @property
+    @functools.cached_property
     def held(self) -> int:
         """``sparse``: the index of the FROZEN part that is the whole tensor (kept apart; the
         other parts are views of one base, as every layout's parts are); else -1."""

@@ -47,6 +47,13 @@ def _splits(module: nn.Module) -> dict[str, _Layout]:
     return {a: lay for a, lay in _layouts(module).items() if lay.split}
 
 
+def _flush(module: nn.Module) -> None:
+    """Land pending writes to the stores of ``module``'s split parameters in their parts."""
+    for attr, layout in _splits(module).items():
+        if _plain(layout, _parts(module, attr, layout)):
+            _sync(module, attr)
+
+
 def _get(module: nn.Module, attr: str) -> Any:
     override = module.__dict__.get("_paramsplit_override", {})
     if attr in override:
@@ -88,10 +95,8 @@ def _split_class(cls: type, attrs: list[str]) -> type:
             cls.__setattr__(self, name, value)  # type: ignore[call-arg, arg-type]
 
     def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+        _flush(self)  # before the parts move
         layouts = _splits(self)
-        for attr in layouts:
-            if _plain(layouts[attr], _parts(self, attr, layouts[attr])):
-                _sync(self, attr)  # writes to the store land in the parts before they move
         cls._apply(self, fn, recurse)  # type: ignore[attr-defined]
         for attr, layout in layouts.items():
             layout.cache = None
@@ -157,8 +162,9 @@ def _split_class(cls: type, attrs: list[str]) -> type:
                 values = layout.values(value.to(parts[0].device), perm)
             converted.update(zip(names, values))
         n_missing = len(missing_keys)
-        cls._load_from_state_dict(self, converted, prefix, local_metadata,  # type: ignore[attr-defined]
-                                  strict, missing_keys, unexpected_keys, error_msgs)
+        load = cls._load_from_state_dict  # type: ignore[attr-defined]
+        load(self, converted, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+             error_msgs)
         if renamed:
             tail = list(dict.fromkeys(renamed.get(k, k) for k in missing_keys[n_missing:]))
             missing_keys[n_missing:] = tail
@@ -168,9 +174,7 @@ def _split_class(cls: type, attrs: list[str]) -> type:
         _refresh_rnn(self)
 
     def __reduce_ex__(self: nn.Module, protocol: Any) -> Any:
-        for attr, layout in _splits(self).items():
-            if _plain(layout, _parts(self, attr, layout)):
-                _sync(self, attr)  # a pending write to the store lands in the parts first
+        _flush(self)  # the parts are what is pickled
         state = dict(self.__dict__)
         state.pop("_paramsplit_override", None)
         return _rebuild, (cls, tuple(attrs)), state
@@ -189,7 +193,8 @@ def _split_class(cls: type, attrs: list[str]) -> type:
         "__qualname__": cls.__qualname__, "_paramsplit_class": True,
     }
     for attr in attrs:
-        namespace[attr] = property(functools.partial(_get, attr=attr), doc=f"``{attr}``, assembled from its paramsplit parts.")
+        namespace[attr] = property(functools.partial(_get, attr=attr),
+                                   doc=f"``{attr}``, assembled from its paramsplit parts.")
     if hasattr(cls, "_init_flat_weights"):
         namespace["forward"] = _rnn_forward(cls)
     return type(cls.__name__, (cls,), namespace)
