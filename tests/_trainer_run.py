@@ -3,12 +3,14 @@
     python tests/_trainer_run.py OUT_DIR first|resume
 
 ``first`` trains 6 steps from seed 0, checkpointing every 3, and saves the final state dict;
-``resume`` builds the model from another seed and resumes from ``OUT_DIR/checkpoint-3``.
+``resume`` builds the model from another seed and resumes from ``OUT_DIR/checkpoint-3``. The two
+may start together: ``resume`` waits (after its imports) until ``first`` has finished.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,6 +40,12 @@ def data():
 
 
 def main(out: Path, mode: str) -> None:
+    if mode == "resume":
+        deadline = time.monotonic() + 300
+        while not (out / "first.done").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {out / 'first.done'}: did the first run fail?")
+            time.sleep(0.05)
     model, groups = build(0 if mode == "first" else 123)
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=6, save_steps=3, save_strategy="steps",
@@ -48,6 +56,8 @@ def main(out: Path, mode: str) -> None:
                                    optimizers=(opt, None))
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-3") if mode == "resume" else None)
     torch.save(model.state_dict(), out / f"final-{mode}.pt")
+    if mode == "first":
+        (out / "first.done").touch()
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ train with single-process training of an identically split model on the full bat
 are means, so DDP's / FSDP's gradient averaging over the 2 half batches matches the full batch.
 
 Starting the 2 processes (spawn + imports) costs far more than any scenario, so the module spawns
-them once (the ``dist_run`` fixture): each rank runs the workers of every selected scenario in
-turn, each in a fresh process group with the RNG state of a fresh process, and ``torch.save``-s
-its results into that scenario's own folder (the workers only assert their own setup). One test
-per scenario checks its results in the pytest process. A worker's exception is recorded per
-scenario and rank and fails that scenario's test only. Every scenario has a deadline
-(:data:`TIMEOUT_S`, watched by the pytest process) and every collective a gloo timeout, so a hang
-fails the tests of the scenarios it stopped instead of blocking the run.
+them once, beside the rest of the suite (``background``, see conftest.py): each rank runs the
+workers of every selected scenario in turn, each in a fresh process group with the RNG state of a
+fresh process, and ``torch.save``-s its results into that scenario's own folder (the workers only
+assert their own setup). One test per scenario checks its results in the pytest process. A
+worker's exception is recorded per scenario and rank and fails that scenario's test only. Every
+scenario has a deadline (:data:`TIMEOUT_S`, watched by the spawning thread) and every collective a
+gloo timeout, so a hang fails the tests of the scenarios it stopped instead of blocking the run.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import nn
 import paramsplit
 
 WORLD = 2
-TIMEOUT_S = 45.0  # deadline for one scenario, process start included (normal: seconds)
+TIMEOUT_S = 90.0  # deadline for one scenario, process start included (normal: seconds)
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 STEPS = 3
 LR = 0.01
@@ -251,11 +251,11 @@ def _scenario(fn: Worker) -> Callable[[Callable[..., None]], Callable[..., None]
     return mark
 
 
-def _scenarios(items: list[pytest.Item], path: Path) -> list[Worker]:
+def _scenarios(items: list[pytest.Item]) -> list[Worker]:
     """The workers the selected tests of this module need, in the order of their tests."""
     workers: list[Worker] = []
     for item in items:
-        if item.path != path:
+        if getattr(getattr(item, "module", None), "__name__", None) != __name__:
             continue
         callspec = getattr(item, "callspec", None)
         fn = (callspec.params.get("worker") if callspec is not None else None) \
@@ -265,13 +265,17 @@ def _scenarios(items: list[pytest.Item], path: Path) -> list[Worker]:
     return workers
 
 
-@pytest.fixture(scope="module")
-def dist_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> _Run:
-    """One spawn for the module: its 2 ranks run the workers of every selected scenario."""
-    run = _Run(tmp_path_factory.mktemp("distributed"),
-               _scenarios(request.session.items, request.path))
+def background(items: list[pytest.Item], out: Path) -> _Run:
+    """One spawn for the module, beside the rest of the suite (see conftest.py): its 2 ranks
+    run the workers of every selected scenario."""
+    run = _Run(out, _scenarios(items))
     run.spawn()
     return run
+
+
+@pytest.fixture(scope="module")
+def dist_run(background_result: _Run) -> _Run:
+    return background_result
 
 
 def _load(out: Path, name: str) -> list[Any]:

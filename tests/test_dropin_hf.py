@@ -31,13 +31,29 @@ def _equal_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_trainer_resume_in_a_new_process_is_bitwise(tmp_path):
+def background(items: list[pytest.Item], out: Path) -> Path:
+    """Two Trainer runs, each in a new process, beside the rest of the suite (see conftest.py):
+    the first trains 6 steps and checkpoints at step 3, the second resumes from step 3 (its
+    process starts at once, and waits for the first run's end after its imports)."""
+    if not any(item.name == "test_trainer_resume_in_a_new_process_is_bitwise" for item in items):
+        return out
+    procs = {mode: subprocess.Popen([sys.executable, str(ROOT / "tests" / "_trainer_run.py"),
+                                     str(out), mode], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+             for mode in ("first", "resume")}  # the resume waits for the first run's end
+    for mode, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode:
+            for other in procs.values():
+                other.kill()
+            raise RuntimeError(f"_trainer_run.py {mode} failed:\n{err[-4000:]}")
+    return out
+
+
+def test_trainer_resume_in_a_new_process_is_bitwise(background_result: Path):
     """Trainer loads the checkpoint with strict=False and only logs mismatches: the split model
     must take the original keys, or its weights silently keep their fresh init."""
-    with torch.random.fork_rng(devices=[]):  # Trainer seeds the global RNG
-        _trainer_run.main(tmp_path, "first")  # here; the resume runs in a new process
-    subprocess.run([sys.executable, str(ROOT / "tests" / "_trainer_run.py"), str(tmp_path),
-                    "resume"], check=True, cwd=ROOT, capture_output=True)
+    tmp_path = background_result
     first = torch.load(tmp_path / "final-first.pt", weights_only=True)
     resumed = torch.load(tmp_path / "final-resume.pt", weights_only=True)
     _equal_state(first, resumed)
