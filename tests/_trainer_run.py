@@ -1,17 +1,25 @@
-"""A Hugging Face Trainer run of a split GPT-2, for tests/test_dropin_hf.py (one process per run).
+"""Two Hugging Face Trainer runs of a split GPT-2, each in a process of its own, for
+tests/test_dropin_hf.py::test_trainer_resume_in_a_new_process_is_bitwise.
 
-    python tests/_trainer_run.py OUT_DIR first|resume
+    python tests/_trainer_run.py OUT_DIR
 
-``first`` trains 6 steps from seed 0, checkpointing every 3, and saves the final state dict;
-``resume`` builds the model from another seed and resumes from ``OUT_DIR/checkpoint-3``. The two
-may start together: ``resume`` waits (after its imports) until ``first`` has finished.
+``first`` trains 6 steps from seed 0, checkpointing every 3, and saves the final state dict to
+``OUT_DIR/final-first.pt``; then ``resume`` builds the model from another seed, resumes from
+``OUT_DIR/checkpoint-3`` and saves ``final-resume.pt``. Each run is a child forked from a process
+that has imported but trained nothing, so neither run inherits anything of the other and the
+imports are paid once: this script, or, through :func:`start`, pytest right after collection.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -40,12 +48,6 @@ def data():
 
 
 def main(out: Path, mode: str) -> None:
-    if mode == "resume":
-        deadline = time.monotonic() + 300
-        while not (out / "first.done").exists():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {out / 'first.done'}: did the first run fail?")
-            time.sleep(0.05)
     model, groups = build(0 if mode == "first" else 123)
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=6, save_steps=3, save_strategy="steps",
@@ -56,9 +58,62 @@ def main(out: Path, mode: str) -> None:
                                    optimizers=(opt, None))
     trainer.train(resume_from_checkpoint=str(out / "checkpoint-3") if mode == "resume" else None)
     torch.save(model.state_dict(), out / f"final-{mode}.pt")
-    if mode == "first":
-        (out / "first.done").touch()
+
+
+def _fork(fn: Callable[..., None], *args: Any, log: Path | None = None) -> int:
+    """Run ``fn(*args)`` in a child forked from this process (output to ``log`` if given); its
+    exit status is 0 unless it raised. Returns the child's pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 0
+    try:
+        if log is not None:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115
+        fn(*args)
+    except BaseException:  # noqa: BLE001 - reported through the exit status
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def both(out: Path) -> None:
+    """The first run, then the resume, each in a child of this process."""
+    for mode in ("first", "resume"):
+        _, status = os.waitpid(_fork(main, out, mode), 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"the {mode} run failed (wait status {status})")
+
+
+def start(out: Path, timeout: float = 300) -> Callable[[], None]:
+    """Start :func:`both` in a child forked from the caller, which must have imported torch,
+    transformers and ``transformers.Trainer``, trained nothing and started no threads (pytest
+    right after collection). Returns a function that waits for it and raises if it failed (output in
+    ``out/log.txt``)."""
+    log = out / "log.txt"
+    pid = _fork(both, out, log=log)
+
+    def wait() -> None:
+        deadline = time.monotonic() + timeout
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise TimeoutError(f"the Trainer runs did not end within {timeout} s:\n"
+                                   f"{log.read_text()[-4000:]}")
+            time.sleep(0.1)
+        if os.waitstatus_to_exitcode(done[1]) != 0:
+            raise RuntimeError(f"the Trainer runs failed:\n{log.read_text()[-4000:]}")
+    return wait
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    both(Path(sys.argv[1]))

@@ -1,19 +1,21 @@
 """Slow out-of-process work runs beside the rest of the suite.
 
 A few tests check what other processes produced: the distributed ranks, a Trainer resumed in a
-new interpreter, the benchmark's smoke run. Most of their cost is those processes starting
-(interpreter, torch, transformers), and the pytest process only waits for them. So a test module
-may define::
+new process, the benchmark's smoke run. Most of their cost is those processes starting
+(interpreter, torch, transformers) while the pytest process waits. So a test module may define::
 
-    def background(items: list[pytest.Item], out: Path) -> Any:
-        '''Runs in a worker thread of the pytest process; ``items`` are the selected tests.'''
+    def background(items: list[pytest.Item], out: Path) -> Callable[[], Any]:
+        '''Start the processes the selected ``items`` need; return how to wait for them.'''
 
-When collection finishes, the ``background`` of every module with a selected test is started in
-a pool of two worker threads, and those modules' tests are moved to the end of the run. The
-pytest process and the processes started here run one torch thread each (``OMP_NUM_THREADS=1``):
-with more, intra-op threads that busy-wait would stall behind the other processes. The
-module-scoped fixture ``background_result`` waits for the module's result (re-raising its
-exception) and hands it over. ``out`` is a fresh folder, removed at the end of the session.
+When collection finishes, before any test runs, conftest calls every such ``background`` of a
+module with a selected test (in the pytest process's main thread: it may fork) and moves those
+modules' tests to the end of the run. The module-scoped fixture ``background_result`` calls the
+returned wait function once and hands over its result (its exception fails the module's tests).
+``out`` is a fresh folder, removed at the end of the session.
+
+The pytest process and the processes started here run one torch thread each
+(``OMP_NUM_THREADS=1``): with more, intra-op threads that busy-wait would stall behind the other
+processes on a small machine.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -29,8 +31,7 @@ from typing import Any
 import pytest
 import torch
 
-_POOL: ThreadPoolExecutor | None = None
-_JOBS: dict[str, Future[Any]] = {}
+_WAIT: dict[str, Callable[[], Any]] = {}
 _FOLDERS: list[Path] = []
 
 
@@ -50,30 +51,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    global _POOL
     modules = _modules(session.items)
     if not modules or session.config.option.collectonly:
         return
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="paramsplit-background")
     for module in modules:
         out = Path(tempfile.mkdtemp(prefix=f"paramsplit-{module.__name__}-"))
         _FOLDERS.append(out)
-        _JOBS[module.__name__] = _POOL.submit(module.background, list(session.items), out)
-
+        _WAIT[module.__name__] = module.background(list(session.items), out)
 
 
 @pytest.fixture(scope="module")
 def background_result(request: pytest.FixtureRequest) -> Any:
-    """What this module's ``background`` returned (it waits for it)."""
-    job = _JOBS.get(request.module.__name__)
-    assert job is not None, f"{request.module.__name__} defines no background() or it was not started"
-    return job.result()
+    """What this module's ``background`` produced (waits for it)."""
+    wait = _WAIT.pop(request.module.__name__, None)
+    assert wait is not None, f"{request.module.__name__}: background() was not started"
+    return wait()
 
 
 def pytest_sessionfinish() -> None:
-    if _POOL is not None:
-        _POOL.shutdown(wait=True, cancel_futures=True)
+    for wait in _WAIT.values():  # started for tests that did not run (-x, a keyboard interrupt)
+        try:
+            wait()
+        except Exception:  # noqa: BLE001 - only reaping the processes
+            pass
     for folder in _FOLDERS:
         shutil.rmtree(folder, ignore_errors=True)

@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,12 +49,24 @@ def _positive(x: object) -> bool:
     return isinstance(x, float) and math.isfinite(x) and x > 0
 
 
-def background(items: list[pytest.Item], out: Path) -> SimpleNamespace:
-    """gpu_check.sh, forced into its CPU quick mode (see conftest.py: it runs beside the suite)."""
+def background(items: list[pytest.Item], out: Path) -> Callable[[], SimpleNamespace]:
+    """Start gpu_check.sh, forced into its CPU quick mode (see conftest.py)."""
     env = dict(os.environ, OUT=str(out), PARAMSPLIT_GPU_CHECK_CPU="1", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], check=False, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=600)
-    return SimpleNamespace(out=out, rc=proc.returncode, output=proc.stdout)
+    log = open(out / "stdout.txt", "w")  # noqa: SIM115 - closed by wait()
+    proc = subprocess.Popen(["bash", str(BENCH / "gpu_check.sh")], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+    def wait() -> SimpleNamespace:
+        try:
+            proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+        return SimpleNamespace(out=out, rc=proc.returncode,
+                               output=(out / "stdout.txt").read_text())
+    return wait
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,14 @@ Every scenario runs in 2 CPU processes that talk over gloo on 127.0.0.1 and comp
 train with single-process training of an identically split model on the full batch. The losses
 are means, so DDP's / FSDP's gradient averaging over the 2 half batches matches the full batch.
 
-Starting the 2 processes (spawn + imports) costs far more than any scenario, so the module spawns
-them once, beside the rest of the suite (``background``, see conftest.py): each rank runs the
-workers of every selected scenario in turn, each in a fresh process group with the RNG state of a
-fresh process, and ``torch.save``-s its results into that scenario's own folder (the workers only
+Starting the 2 processes costs more than any scenario, so the module starts them once, when
+collection finishes, forked from the pytest process (which has imported everything they need),
+and they run beside the rest of the suite (``background``, see conftest.py). Each rank runs the
+workers of every selected scenario in turn, each in a fresh process group from the same RNG state
+(seed 0), and ``torch.save``-s its results into that scenario's own folder (the workers only
 assert their own setup). One test per scenario checks its results in the pytest process. A
 worker's exception is recorded per scenario and rank and fails that scenario's test only. Every
-scenario has a deadline (:data:`TIMEOUT_S`, watched by the spawning thread) and every collective a
+scenario has a deadline (:data:`TIMEOUT_S`, watched while the tests wait) and every collective a
 gloo timeout, so a hang fails the tests of the scenarios it stopped instead of blocking the run.
 """
 
@@ -131,7 +132,7 @@ def _assert_frozen_unchanged(merged: dict[str, torch.Tensor], seed: int = 0) -> 
     assert not torch.equal(merged["0.weight"], initial["0.weight"])
 
 
-# -- spawning: one spawn per module runs every scenario --------------------------------------
+# -- the run: one pair of processes runs every scenario ---------------------------------------
 
 Worker = Callable[[int, Path], None]
 
@@ -150,7 +151,7 @@ def _run_scenario(rank: int, index: int, fn: Worker, store: dist.Store, out: Pat
     store.wait([f"enter/{index}/{r}" for r in range(WORLD)],
                datetime.timedelta(seconds=2 * TIMEOUT_S))
     (out / f"started{rank}").touch()
-    torch.set_rng_state(rng_state)  # the RNG state of a fresh process, as when spawned alone
+    torch.set_rng_state(rng_state)  # every scenario starts from the same state, whatever ran before
     # A fresh group: a failed scenario's pending collectives cannot reach the next one.
     dist.init_process_group("gloo", store=dist.PrefixStore(f"scenario{index}/", store),
                             rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
@@ -168,6 +169,7 @@ def _run_scenario(rank: int, index: int, fn: Worker, store: dist.Store, out: Pat
 
 def _entry(rank: int, workers: list[Worker], port: int, out: str) -> None:
     torch.set_num_threads(1)
+    torch.manual_seed(0)
     rng_state = torch.get_rng_state()
     store = dist.TCPStore("127.0.0.1", port, WORLD, is_master=rank == 0,
                           timeout=datetime.timedelta(seconds=2 * TIMEOUT_S))
@@ -185,7 +187,7 @@ def _entry(rank: int, workers: list[Worker], port: int, out: str) -> None:
 
 
 class _Run:
-    """The outputs of one spawn that ran ``workers``; why it ended early, if it did."""
+    """The outputs of the one run of ``workers``; why it ended early, if it did."""
 
     def __init__(self, out: Path, workers: list[Worker]) -> None:
         self.out, self.workers = out, workers
@@ -207,11 +209,16 @@ class _Run:
                          else f"rank {rank} outside any scenario")
         return ", ".join(where)
 
-    def spawn(self) -> None:
-        """Run the workers in WORLD processes; stop on a crash or when a scenario is past
-        its deadline (TIMEOUT_S without a scenario finishing on some rank)."""
-        ctx = mp.spawn(_entry, args=(self.workers, _free_port(), str(self.out)), nprocs=WORLD,
-                       join=False)
+    def start(self) -> None:
+        """Start the workers in WORLD processes, forked from this one (it has imported
+        everything they need; it is called before any test runs, in the main thread)."""
+        self._ctx = mp.start_processes(_entry, args=(self.workers, _free_port(), str(self.out)),
+                                       nprocs=WORLD, join=False, start_method="fork")
+
+    def wait(self) -> _Run:
+        """Wait for the workers; stop on a crash or when a scenario is past its deadline
+        (TIMEOUT_S without a scenario finishing on some rank)."""
+        ctx = self._ctx
         finished, deadline = 0, time.monotonic() + TIMEOUT_S
         try:
             while not ctx.join(timeout=0.5):
@@ -225,9 +232,10 @@ class _Run:
                             p.kill()
                     for p in ctx.processes:
                         p.join(5)
-                    return
+                    break
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
             self.failure = f"a distributed worker process failed ({self._running()}):\n{e}"
+        return self
 
     def outputs(self, fn: Worker) -> Path:
         """The folder of ``fn``'s outputs; fail if a rank raised or did not finish it."""
@@ -265,12 +273,12 @@ def _scenarios(items: list[pytest.Item]) -> list[Worker]:
     return workers
 
 
-def background(items: list[pytest.Item], out: Path) -> _Run:
-    """One spawn for the module, beside the rest of the suite (see conftest.py): its 2 ranks
-    run the workers of every selected scenario."""
+def background(items: list[pytest.Item], out: Path) -> Callable[[], _Run]:
+    """Start the module's one run (see conftest.py): its 2 ranks run the workers of every
+    selected scenario."""
     run = _Run(out, _scenarios(items))
-    run.spawn()
-    return run
+    run.start()
+    return run.wait
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ Every test uses the real library; the oracle is the run or the model without the
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,32 +22,20 @@ from paramsplit import FROZEN, Regions, rows
 sys.path.insert(0, str(Path(__file__).parent))
 import _trainer_run  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def _equal_state(a: dict, b: dict) -> None:
     assert list(a) == list(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
 
-def background(items: list[pytest.Item], out: Path) -> Path:
-    """Two Trainer runs, each in a new process, beside the rest of the suite (see conftest.py):
-    the first trains 6 steps and checkpoints at step 3, the second resumes from step 3 (its
-    process starts at once, and waits for the first run's end after its imports)."""
+def background(items: list[pytest.Item], out: Path) -> Callable[[], Path]:
+    """Start the two Trainer runs (see conftest.py and ``_trainer_run.py``): the first trains 6
+    steps and checkpoints at step 3; then, in a new process, the second resumes from step 3."""
     if not any(item.name == "test_trainer_resume_in_a_new_process_is_bitwise" for item in items):
-        return out
-    procs = {mode: subprocess.Popen([sys.executable, str(ROOT / "tests" / "_trainer_run.py"),
-                                     str(out), mode], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-             for mode in ("first", "resume")}  # the resume waits for the first run's end
-    for mode, proc in procs.items():
-        _, err = proc.communicate(timeout=300)
-        if proc.returncode:
-            for other in procs.values():
-                other.kill()
-            raise RuntimeError(f"_trainer_run.py {mode} failed:\n{err[-4000:]}")
-    return out
+        return lambda: out
+    transformers.Trainer  # noqa: B018 - imported before the fork: the runs need it
+    wait = _trainer_run.start(out)
+    return lambda: (wait(), out)[1]
 
 
 def test_trainer_resume_in_a_new_process_is_bitwise(background_result: Path):
