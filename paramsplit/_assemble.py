@@ -27,8 +27,8 @@ assembly is a plain differentiable ``torch.cat`` / ``index_select`` of the parts
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,9 +46,14 @@ def _part_names(attr: str, layout: _Layout) -> list[str]:
     return list(_names(attr, len(layout.regions)))
 
 
-@functools.lru_cache(maxsize=4096)
+_NAMES: dict[tuple[str, int], tuple[str, ...]] = {}
+
+
 def _names(attr: str, n: int) -> tuple[str, ...]:
-    return tuple(f"{attr}__{i}" for i in range(n))
+    names = _NAMES.get((attr, n))
+    if names is None:
+        names = _NAMES[attr, n] = tuple(f"{attr}__{i}" for i in range(n))
+    return names
 
 
 def _parts(module: nn.Module, attr: str, layout: _Layout) -> list[Tensor]:
@@ -82,7 +87,8 @@ class _Cache:
     parts_version: tuple[int, ...]
     stepped: bool = False  # an optimizer holding the parts stepped since the last sync
     leaf: _Full | None = None  # the alias no-grad reads return while nothing changes
-    flags: tuple[bool, ...] = ()  # the parts' requires_grad when ``leaf`` was made
+    check: tuple[tuple[str, int, int, int, bool], ...] | None = None  # _check when leaf returned
+    owner: nn.Module | None = None  # the module leaf was returned for
 
 
 def _traced() -> bool:
@@ -265,6 +271,8 @@ def _describe(value: Any) -> str:
 def _set_requires_grad(module: nn.Module, attr: str, flag: bool) -> None:
     layout = _layout(module, attr)
     layout.requires_grad = flag
+    if layout.cache is not None:
+        layout.cache.check = None  # the leaf's requires_grad may change
     for p, region in zip(_parts(module, attr, layout), layout.regions):
         if region.options is not None:
             p.requires_grad_(flag)
@@ -301,14 +309,43 @@ def _value(module: nn.Module, attr: str) -> Tensor:
         return layout.merge(parts, _index(module, attr, layout, "inv"))
 
 
+def _reader(attr: str, slow: Callable[[nn.Module], Any]) -> Callable[[nn.Module], Any]:
+    """The getter of ``owner.<attr>``: outside grad mode and compilation, while nothing changed
+    since the last no-grad read (:func:`_check`), the same leaf again; else ``slow(owner)``.
+    Eval loops and ``generate`` read every weight at every step: this path is kept short."""
+
+    def read(module: nn.Module) -> Any:
+        d = module.__dict__
+        c: _Cache | None = d[_STATE][attr].cache
+        if c is not None and c.check is not None and c.owner is module \
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+                and c.store._version == c.store_version and not c.stepped:
+            params = d["_parameters"]
+            for name, ident, version, ptr, flag in c.check:
+                p = params[name]
+                if id(p) != ident or p._version != version or p.data_ptr() != ptr \
+                        or p.requires_grad is not flag:
+                    break
+            else:
+                return c.leaf
+        return slow(module)
+
+    return read
+
+
+def _check(attr: str, parts: list[Tensor]) -> tuple[tuple[str, int, int, int, bool], ...]:
+    """What :func:`_reader` compares, per part: identity, version, memory (``p.data = t`` bumps
+    no version) and ``requires_grad``. The store's version and optimizer steps are checked
+    beside it; changing the layout's own ``requires_grad`` or standing a tensor in for the
+    parameter (``functional_call``) drops it."""
+    return tuple((name, id(p), p._version, p.data_ptr(), p.requires_grad)
+                 for name, p in zip(_names(attr, len(parts)), parts))
+
+
 def _assembled(module: nn.Module, attr: str) -> Tensor:
     """``module.<attr>`` of a split parameter."""
     layout = _layout(module, attr)
     parts = _parts(module, attr, layout)
-    c: _Cache | None = layout.cache
-    if c is not None and c.leaf is not None and not torch.is_grad_enabled() \
-            and c.leaf._paramsplit_owner[0] is module and _unchanged(layout, c, parts):
-        return c.leaf  # the fast path of eval loops and generate: nothing changed
     plain = _plain(layout, parts)
     wants = _wants_grad(layout, parts, plain)
     if not plain:
@@ -323,17 +360,8 @@ def _assembled(module: nn.Module, attr: str) -> Tensor:
     assert c is not None
     if c.leaf is None or c.leaf.requires_grad != wants or c.leaf._paramsplit_owner[0] is not module:
         c.leaf = _alias(store, (module, attr), wants)  # eval loops, generate: one per change
-        c.flags = tuple(p.requires_grad for p in parts)
+    c.check, c.owner = _check(attr, parts), module
     return c.leaf
-
-
-def _unchanged(layout: _Layout, c: _Cache, parts: list[Tensor]) -> bool:
-    """Whether nothing changed since ``c.leaf`` was handed out: the parts (identity, memory,
-    values, ``requires_grad``), the store, and no optimizer step or tracing since."""
-    return (not c.stepped and c.store._version == c.store_version
-            and c.parts_version == tuple(p._version for p in layout.linked_of(parts))
-            and c.flags == tuple(p.requires_grad for p in parts) and c.key == _key(parts)
-            and not _traced())
 
 
 class _Route(torch.autograd.Function):

@@ -36,6 +36,7 @@ from ._assemble import (
     _part_names,
     _parts,
     _plain,
+    _reader,
     _sync,
     _tag,
     _value,
@@ -70,6 +71,9 @@ def _set(module: nn.Module, value: Any, attr: str) -> None:
     caller = sys._getframe(2).f_code.co_filename
     if isinstance(value, torch.Tensor) and caller.endswith("_named_member_accessor.py"):
         override[attr] = value  # torch.func.functional_call and friends
+        cache = _layouts(module)[attr].cache
+        if cache is not None:
+            cache.check = None  # the fast read path must not answer while it stands in
         return
     raise AttributeError(
         f"{type(module).__name__}.{attr} is split by paramsplit and cannot be replaced by "
@@ -193,7 +197,7 @@ def _split_class(cls: type, attrs: list[str]) -> type:
         "__qualname__": cls.__qualname__, "_paramsplit_class": True,
     }
     for attr in attrs:
-        namespace[attr] = property(functools.partial(_get, attr=attr),
+        namespace[attr] = property(_reader(attr, functools.partial(_get, attr=attr)),
                                    doc=f"``{attr}``, assembled from its paramsplit parts.")
     if hasattr(cls, "_init_flat_weights"):
         namespace["forward"] = _rnn_forward(cls)

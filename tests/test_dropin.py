@@ -180,6 +180,81 @@ def test_writes_through_the_weight_land_in_the_parts(kind, write):
     _assert_same(sm, ref)
 
 
+def _change(kind_of_change, sm, groups, x):
+    """Change the parts of ``sm[0].weight`` behind the owner's back (the reads are cached)."""
+    part = next(p for n, p in sm[0].named_parameters(recurse=False)
+                if n.startswith("weight__") and p.requires_grad)
+    if kind_of_change == "in-place":
+        with torch.no_grad():
+            part.add_(1.0)
+    elif kind_of_change == "data":  # new memory, no version bump
+        part.data = part.data + 1.0
+    elif kind_of_change == "requires_grad":
+        for p in sm[0].parameters(recurse=False):
+            p.requires_grad_(False)
+    elif kind_of_change == "fused step":  # bumps no version counter
+        opt = torch.optim.AdamW(groups, lr=0.1, fused=True)
+        sm(x).square().sum().backward()
+        opt.step()
+    elif kind_of_change == "replaced":  # as FSDP2 does: straight into _parameters
+        name = next(n for n, p in sm[0]._parameters.items() if p is part)
+        sm[0]._parameters[name] = nn.Parameter(part.detach() + 1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("change", ["in-place", "data", "requires_grad", "fused step",
+                                    "replaced"])
+def test_no_grad_reads_see_every_change_to_the_parts(kind, change):
+    """Outside grad mode a read returns the same cached tensor while nothing changed; any
+    change to the parts must reach the next read. Oracle: the grad-mode read, which always
+    syncs, and the unsplit layer with that weight."""
+    _, sm, groups = _pair(kind)
+    x = torch.randn(4, 12, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        first = sm[0].weight
+        assert sm[0].weight is first  # the cached read
+        before = first.clone()
+    _change(change, sm, groups, x)
+    with torch.no_grad():
+        got = sm[0].weight.clone()
+        got_requires_grad = sm[0].weight.requires_grad
+        out = sm(x)
+    with torch.enable_grad():  # after the no-grad read: it syncs whatever that one missed
+        want = sm[0].weight.detach().clone()
+    assert torch.equal(got, want)
+    assert got_requires_grad == any(p.requires_grad for n, p in sm[0].named_parameters()
+                                    if n.startswith("weight__"))
+    with torch.no_grad():
+        assert torch.equal(out, sm[2](torch.tanh(nn.functional.linear(x, want, sm[0].bias))))
+    if change != "requires_grad":
+        assert not torch.equal(want, before)
+
+
+def test_no_grad_read_follows_requires_grad_of_an_all_frozen_weight():
+    """All regions FROZEN: the tensor carries the parameter's own flag (kernels pick their path
+    by it), so toggling it must reach a cached no-grad read."""
+    sm, _ = paramsplit.split(nn.Linear(4, 6), {"weight": cols({(0, 2): FROZEN,
+                                                               (2, None): FROZEN})})
+    with torch.no_grad():
+        assert sm.weight.requires_grad
+        sm.weight.requires_grad_(False)
+        assert not sm.weight.requires_grad
+        sm.weight.requires_grad_(True)
+        assert sm.weight.requires_grad
+
+
+def test_functional_call_stands_in_for_a_cached_read():
+    _, sm, _ = _pair("mask")
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        w = sm[0].weight
+        other = torch.randn_like(w)
+        got = torch.func.functional_call(sm, {"0.weight": other}, (x,))
+        assert torch.equal(got, sm[2](torch.tanh(nn.functional.linear(x, other, sm[0].bias))))
+        assert sm[0].weight is w and torch.equal(sm(x), sm[2](torch.tanh(
+            nn.functional.linear(x, w, sm[0].bias))))
+
+
 def test_rows_store_is_the_parts_memory():
     ref, sm, _ = _pair("rows")
     assert sm[0].weight.data_ptr() == sm[0].weight__0.data_ptr()
