@@ -108,6 +108,16 @@ def test_split_time_quick(tmp_path, capsys):
     assert run["groups"] == ["default", "weight_decay=0.0", "weight_decay=0.1"]
 
 
+def test_phases_prints_every_variant(capsys):
+    _load("phases").main(["--rounds", "2"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r.split()[0] for r in rows] == ["unsplit", "rows", "cols", "mask"]
+    for r in rows:
+        groups, *ms = r.split()[1:]
+        assert int(groups) == (1 if r.startswith("unsplit") else 3)
+        assert all(_positive(float(v)) for v in ms)
+
+
 def test_gpu_check_cpu_mode_writes_log_and_json(gpu_check):
     assert gpu_check.rc == 0, gpu_check.output[-6000:]
     log = (gpu_check.out / "gpu_check.log").read_text()
