@@ -175,9 +175,12 @@ def _entry(rank: int, workers: list[Worker], port: int, out: str) -> None:
                           timeout=datetime.timedelta(seconds=2 * TIMEOUT_S))
     for index, fn in enumerate(workers):
         _run_scenario(rank, index, fn, store, Path(out) / fn.__name__, rng_state)
-    # The master's store must outlive the other ranks' last use of it.
-    store.set(f"exit/{rank}", "1")
-    store.wait([f"exit/{r}" for r in range(WORLD)], datetime.timedelta(seconds=2 * TIMEOUT_S))
+    # The master's store must outlive the other ranks' last use of it: they say goodbye last.
+    if rank:
+        store.set(f"exit/{rank}", "1")
+    else:
+        store.wait([f"exit/{r}" for r in range(1, WORLD)],
+                   datetime.timedelta(seconds=2 * TIMEOUT_S))
     # Everything is on disk: skip the interpreter's teardown of torch (~1.5 s), unless coverage
     # is measuring this process and writes its data at exit.
     if "coverage" not in sys.modules:
