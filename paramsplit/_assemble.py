@@ -27,8 +27,8 @@ assembly is a plain differentiable ``torch.cat`` / ``index_select`` of the parts
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,7 +88,6 @@ class _Cache:
     stepped: bool = False  # an optimizer holding the parts stepped since the last sync
     leaf: _Full | None = None  # the alias no-grad reads return while nothing changes
     check: tuple[tuple[str, int, int, int, bool], ...] | None = None  # _check when leaf returned
-    owner: nn.Module | None = None  # the module leaf was returned for
 
 
 def _traced() -> bool:
@@ -317,9 +316,10 @@ def _reader(attr: str, slow: Callable[[nn.Module], Any]) -> Callable[[nn.Module]
     def read(module: nn.Module) -> Any:
         d = module.__dict__
         c: _Cache | None = d[_STATE][attr].cache
-        if c is not None and c.check is not None and c.owner is module \
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-                and c.store._version == c.store_version and not c.stepped:
+        if c is not None and c.check is not None and not torch.is_grad_enabled() \
+                and not torch.compiler.is_compiling() and not c.stepped \
+                and c.store._version == c.store_version \
+                and c.leaf._paramsplit_owner[0] is module:  # type: ignore[union-attr]
             params = d["_parameters"]
             for name, ident, version, ptr, flag in c.check:
                 p = params[name]
@@ -360,7 +360,7 @@ def _assembled(module: nn.Module, attr: str) -> Tensor:
     assert c is not None
     if c.leaf is None or c.leaf.requires_grad != wants or c.leaf._paramsplit_owner[0] is not module:
         c.leaf = _alias(store, (module, attr), wants)  # eval loops, generate: one per change
-    c.check, c.owner = _check(attr, parts), module
+    c.check = _check(attr, parts)
     return c.leaf
 
 
