@@ -96,8 +96,8 @@ def both(out: Path) -> None:
 def start(out: Path, timeout: float = 300) -> Callable[[], None]:
     """Start :func:`both` in a child forked from the caller, which must have imported torch,
     transformers and ``transformers.Trainer``, trained nothing and started no threads (pytest
-    right after collection). Returns a function that waits for it and raises if it failed (output in
-    ``out/log.txt``)."""
+    right after collection). Returns a function that waits for it and raises if it failed
+    (output in ``out/log.txt``)."""
     log = out / "log.txt"
     pid = _fork(both, out, log=log)
 

@@ -34,8 +34,12 @@ def background(items: list[pytest.Item], out: Path) -> Callable[[], Path]:
     if not any(item.name == "test_trainer_resume_in_a_new_process_is_bitwise" for item in items):
         return lambda: out
     transformers.Trainer  # noqa: B018 - imported before the fork: the runs need it
-    wait = _trainer_run.start(out)
-    return lambda: (wait(), out)[1]
+    runs = _trainer_run.start(out)
+
+    def wait() -> Path:
+        runs()
+        return out
+    return wait
 
 
 def test_trainer_resume_in_a_new_process_is_bitwise(background_result: Path):
