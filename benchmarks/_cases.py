@@ -10,6 +10,12 @@ A :class:`Case` is plain data (it travels to the memory probe's subprocesses as 
 * ``sparse``    sparse fine-tuning (project issue 12): the same ``nn.Linear`` as ``linear``, its
                 weight trained on a random 1% or 10% of the elements and frozen elsewhere, set
                 against full fine-tuning (``_variants``: the ``sparse`` group).
+* ``many``      many small weights: a 12-layer GPT-2 with ``n_embd=64`` (``n_head=4``,
+                ``n_positions=64``, vocab 1000), batch 2 x 32 tokens, one torch thread
+                (``Case.threads``); its 48 block weights (``attn.c_attn``, ``attn.c_proj``,
+                ``mlp.c_fc``, ``mlp.c_proj`` of every layer) are split. A step there is mostly
+                per-tensor overhead (Python, kernel launches, the optimizer's per-parameter loop),
+                which is what a split adds per weight; loss = LM loss.
 """
 
 from __future__ import annotations
@@ -26,19 +32,20 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # "linear" | "gpt2" | "generate" | "sparse"
+    kind: str  # "linear" | "gpt2" | "generate" | "sparse" | "many"
     sizes: dict[str, int]
     batches: tuple[int, ...]
-    seq: dict[int, int]  # gpt2: batch -> training sequence length; generate: -> prompt length
+    seq: dict[int, int]  # gpt2/many: batch -> training sequence length; generate: prompt length
+    threads: int | None = None  # torch.set_num_threads for this case (None: the run's setting)
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "sizes": self.sizes, "batches": list(self.batches),
-                "seq": {str(k): v for k, v in self.seq.items()}}
+                "seq": {str(k): v for k, v in self.seq.items()}, "threads": self.threads}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Case:
         return Case(d["kind"], d["sizes"], tuple(d["batches"]),
-                    {int(k): v for k, v in d["seq"].items()})
+                    {int(k): v for k, v in d["seq"].items()}, d.get("threads"))
 
     @property
     def is_linear(self) -> bool:
@@ -52,6 +59,8 @@ class Case:
         if self.kind == "sparse":
             return f"sparse fine-tuning, nn.Linear({s['in']}, {s['out']})"
         gpt = f"GPT-2 n_layer={s['n_layer']} n_embd={s['n_embd']} vocab={s['vocab']}"
+        if self.kind == "many":
+            return f"many small weights, {gpt}"
         if self.kind == "generate":
             return f"generate(max_new_tokens={s['new_tokens']}, do_sample=False), {gpt}"
         return gpt
@@ -61,9 +70,14 @@ class Case:
         return not self.is_linear
 
 
-def _gpt(n_layer: int, n_embd: int, vocab: int) -> dict[str, int]:
-    return {"n_layer": n_layer, "n_embd": n_embd, "n_head": 4 if n_embd >= 128 else 2,
-            "vocab": vocab}
+def _gpt(n_layer: int, n_embd: int, vocab: int, n_head: int | None = None) -> dict[str, int]:
+    return {"n_layer": n_layer, "n_embd": n_embd,
+            "n_head": n_head or (4 if n_embd >= 128 else 2), "vocab": vocab}
+
+
+#: The ``many`` table: 12 layers of n_embd 64 (48 split weights, from 64 x 64 to 256 x 64 elements:
+#: Conv1D), 2 x 32 tokens, one thread. The same in --quick (it is small already).
+MANY = Case("many", {**_gpt(12, 64, 1000, n_head=4), "n_positions": 64}, (2,), {2: 32}, threads=1)
 
 
 FULL_CASES = (
@@ -73,12 +87,14 @@ FULL_CASES = (
     Case("gpt2", _gpt(2, 256, 8000), (8, 128, 2048), {8: 64, 128: 16, 2048: 2}),
     Case("generate", {**_gpt(2, 128, 1000), "new_tokens": 32}, (1, 8), {1: 8, 8: 8}),
     Case("sparse", {"in": 1024, "out": 4096}, (8, 128, 2048), {}),
+    MANY,
 )
 QUICK_CASES = (
     Case("linear", {"in": 128, "out": 512}, (8, 64), {}),
     Case("gpt2", _gpt(1, 64, 500), (4,), {4: 8}),  # tensors above the mmap threshold
     Case("generate", {**_gpt(1, 64, 500), "new_tokens": 8}, (2,), {2: 4}),
     Case("sparse", {"in": 128, "out": 512}, (8, 64), {}),
+    MANY,
 )
 #: Per kind, a tiny case that the memory probe runs first, to pay lazy initialisation.
 TINY_CASES = {
@@ -86,6 +102,7 @@ TINY_CASES = {
     "gpt2": Case("gpt2", _gpt(1, 32, 64), (2,), {2: 4}),
     "generate": Case("generate", {**_gpt(1, 32, 64), "new_tokens": 2}, (1,), {1: 2}),
     "sparse": Case("sparse", {"in": 16, "out": 32}, (2,), {}),
+    "many": Case("many", {**_gpt(2, 32, 64, n_head=4), "n_positions": 8}, (2,), {2: 4}, threads=1),
 }
 
 
@@ -115,10 +132,11 @@ def build_base(case: Case) -> nn.Module:
 
     transformers.logging.set_verbosity_error()
     s = case.sizes
-    training = case.kind == "gpt2"
+    training = case.kind != "generate"
     cfg = GPT2Config(n_layer=s["n_layer"], n_embd=s["n_embd"], n_head=s["n_head"],
                      vocab_size=s["vocab"], use_cache=not training,
-                     n_positions=max(case.seq.values()) + s.get("new_tokens", 0),
+                     n_positions=s.get("n_positions",
+                                       max(case.seq.values()) + s.get("new_tokens", 0)),
                      bos_token_id=None, eos_token_id=None)  # no early stop: always new_tokens
     model = GPT2LMHeadModel(cfg)
     return model if training else model.eval()

@@ -1,99 +1,98 @@
-"""Floors: the unsplit model plus only the work a split of a given layout cannot avoid.
+"""Floors: the unsplit step plus only the work a split of a given layout cannot avoid.
 
-A split keeps its parts in a storage of its own and hands the owner an assembled weight; a floor
-does the same extra work on the unsplit model, with no library in the way:
+paramsplit 0.3 leaves the model alone: forward and backward are the unsplit model's, and the
+weight's gradient is the unsplit gradient (``W.grad``). The optimizer steps *parts* instead of the
+weight, and optimizer-step hooks move values and gradients between the weight and the parts once
+per step. What a layout cannot avoid is therefore a number of copies per step, around the
+optimizer step; a floor is the unsplit model and its unsplit ``AdamW`` step (the optimizer steps
+the weight itself, in the unsplit model's param groups) plus exactly those copies, done with plain
+torch calls into buffers allocated once (the least a copying layout could do):
 
-* rows' floor is the unsplit step itself (a block of rows is dense: the parts alias the weight).
-* ``cols_floor``: two weight-sized copies per step. Forward reads a fresh copy of the weight
-  (``w.clone()``, in the autograd graph, whose backward passes the gradient through unchanged),
-  and after backward the weight's gradient is copied once (``w.grad = w.grad.clone()``: splitting
-  a gradient into dense column blocks is one copy of it).
-* ``mask_floor``: two index gathers per step with int32 permutation indices. Forward reads
-  ``w.view(-1).index_select(0, perm)`` and backward gathers the gradient back with the inverse
-  permutation (one ``index_select`` each, as an autograd function, so no scatter). ``perm`` is
-  the permutation that sorts the elements by the ``mask`` variant's random 50% mask (stable: the
-  gather a mask split of that mask must do). A uniformly random permutation would be no floor:
-  its gathers miss the cache at every element (measured 5.8x the whole unsplit step of the
-  Linear at batch 8 on 2 cores, while the mask split took 1.6x). The forward computes with
-  permuted weights, which costs the same.
+* rows' floor is the unsplit step itself: row blocks are dense, so the parts are views of the
+  weight and their gradients views of ``W.grad``; nothing is copied, ever.
+* ``cols_floor``: the unsplit step + 3 weight-sized copies per step (the trained columns: for the
+  ``cols`` and ``forum`` variants, every column, in 2 blocks of half the columns each). Before
+  the step, a copy of the trained columns' values into dense buffers (``foreach_copy_`` from the
+  column views of the weight) and a copy of their gradient (from the column views of ``W.grad``);
+  after the step, a copy of the values back into the weight's columns.
+* ``mask_floor``: the unsplit step + ``index_select`` of the values, ``index_select`` of the
+  gradient and ``index_copy_`` back, per weight and step, over the flat weight, with the int64
+  permutation that sorts the elements by the ``mask`` variant's random 50% mask (stable: the
+  order a mask split of that mask keeps its trained elements in; both regions are trained, so all
+  elements). ``sparse`` is the same mechanism over fewer elements (no floor of its own: the
+  sparse and many tables set it against full fine-tuning).
 
-The assembled weight reaches the owner's unchanged forward as an instance attribute: the
-parameter is re-registered as ``<attr>_orig``, a forward pre-hook sets ``owner.<attr>`` to the
-assembled tensor and a forward hook deletes it again (so it lives exactly as long as autograd
-needs it, like a split's assembled tensor).
+What a split does beyond its floor is what it is judged on: the extra param groups (AdamW loops
+over each group), the optimizer state per part, and the Python of the step hooks.
+
+The copy back writes the values copied in before the step, so a floor's split weights do not move
+from step to step (the step's update is overwritten): a floor is a cost model, the same tensors
+copied in the same order around the same optimizer step, and the cost of forward, backward and
+AdamW does not depend on the values. The buffers live from the build on: peak memory holds them as
+it holds a split's parts and its parts' gradients during the step.
+
+Each maker returns ``(before_step, after_step)``, called after ``backward`` and after
+``optimizer.step()`` (``_variants.build``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+Hooks = tuple[Callable[[], None], Callable[[], None]]
 
-def _reroute(model: nn.Module, names: list[str],
-             assemble: Callable[[nn.Parameter], Callable[[], Tensor]]) -> list[nn.Parameter]:
-    """Make every owner's forward read ``assemble(p)()`` as ``owner.<attr>``; return the params."""
-    params = []
-    for name in names:
-        owner_name, _, attr = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        p = getattr(owner, attr)
-        delattr(owner, attr)
-        owner.register_parameter(attr + "_orig", p)
-        fn = assemble(p)
 
-        def pre(mod: nn.Module, args: Any, attr: str = attr, fn: Callable[[], Tensor] = fn) -> None:
-            setattr(mod, attr, fn())
-
-        def post(mod: nn.Module, args: Any, out: Any, attr: str = attr) -> None:
-            delattr(mod, attr)
-
-        owner.register_forward_pre_hook(pre)
-        owner.register_forward_hook(post)
-        params.append(p)
-    return params
+def _targets(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    named = dict(model.named_parameters())
+    return [named[n] for n in names]
 
 
 def cols_floor(model: nn.Module, names: list[str], device: torch.device,
-               masks: dict[str, Tensor]) -> Callable[[], None]:
-    params = _reroute(model, names, lambda p: p.clone)
+               masks: dict[str, Tensor]) -> Hooks:
+    """3 copies of the trained columns per step: values in, gradient in, values back."""
+    params = _targets(model, names)
+    bounds = [((0, p.shape[1] // 2), (p.shape[1] // 2, p.shape[1])) for p in params]
+    with torch.no_grad():
+        views = [p.detach().narrow(1, a, b - a) for p, bs in zip(params, bounds) for a, b in bs]
+        values = [v.contiguous() for v in views]
+    grads = [torch.empty_like(v) for v in values]
 
-    def split_grads() -> None:
-        for p in params:
-            if p.grad is not None:
-                p.grad = p.grad.clone()
+    def before_step() -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(values, views)
+            torch._foreach_copy_(grads, [p.grad.narrow(1, a, b - a)  # type: ignore[union-attr]
+                                         for p, bs in zip(params, bounds) for a, b in bs])
 
-    return split_grads
+    def after_step() -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(views, values)
 
-
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, w: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
-        ctx.inv = inv
-        return w.reshape(-1).index_select(0, perm).view(w.shape)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:
-        return g.reshape(-1).index_select(0, ctx.inv).view(g.shape), None, None
+    return before_step, after_step
 
 
 def mask_floor(model: nn.Module, names: list[str], device: torch.device,
-               masks: dict[str, Tensor]) -> None:
+               masks: dict[str, Tensor]) -> Hooks:
     """``masks``: name -> the bool mask (CPU) whose sorting permutation is gathered."""
-    by_param = {}
-    for name in names:
-        perm = torch.argsort(masks[name].reshape(-1).to(torch.uint8), stable=True)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
-        by_param[name] = perm.to(torch.int32).to(device), inv.to(torch.int32).to(device)
-    params = dict(model.named_parameters())
-    indices = {id(params[n]): by_param[n] for n in names}
+    params = _targets(model, names)
+    perms = [torch.argsort(masks[n].reshape(-1).to(torch.uint8), stable=True).to(device)
+             for n in names]
+    with torch.no_grad():
+        flats = [p.detach().view(-1) for p in params]
+    values = [torch.empty_like(f) for f in flats]
+    grads = [torch.empty_like(f) for f in flats]
 
-    def assemble(p: nn.Parameter) -> Callable[[], Tensor]:
-        perm, inv = indices[id(p)]
-        return lambda: _Gather.apply(p, perm, inv)
+    def before_step() -> None:
+        with torch.no_grad():
+            for p, f, perm, v, g in zip(params, flats, perms, values, grads):
+                torch.index_select(f, 0, perm, out=v)
+                torch.index_select(p.grad.view(-1), 0, perm, out=g)  # type: ignore[union-attr]
 
-    _reroute(model, names, assemble)
-    return None
+    def after_step() -> None:
+        with torch.no_grad():
+            for f, perm, v in zip(flats, perms, values):
+                f.index_copy_(0, perm, v)
+
+    return before_step, after_step

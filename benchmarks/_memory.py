@@ -5,7 +5,9 @@ variant, runs ``steps`` steps and reports two peaks over the memory in use just 
 
 * the step peak: parameters, gradients, optimizer state, saved activations, inputs and every
   transient of the steps (the build's transients left out: the peak is reset after the build);
-* the build peak (``build``): e.g. the copy ``paramsplit.split`` makes of the original weights.
+* the build peak (``build``): e.g. the parts ``paramsplit.split`` makes (dense copies of the
+  trained elements for ``cols`` and masks, views for ``rows``); parts that persist count in the
+  step peak too.
 
 Lazy initialisation (code pages, thread pools, allocator workspaces) is paid first by running
 every variant on a tiny case. Readings:

@@ -13,7 +13,7 @@ import torch
 import paramsplit
 
 from _timing import ratios
-from _variants import REFERENCE, VARIANTS
+from _variants import REFERENCE, floor_of
 
 TIME_TARGET = 1.10  # a split's step time / its floor's
 MEM_TARGET = 1.05  # a split's peak memory / its floor's
@@ -22,18 +22,30 @@ SPARSE_VARIANT = "sparse_1"
 SPARSE_TIME_TARGET = 0.50  # ... takes at most this share of full fine-tuning's step at batch 8
 SPARSE_TARGET_BATCH = 8
 SPARSE_RIVAL = "shira"  # ... and is faster than PEFT's SHiRA at every batch
+#: The many table (48 small weights): each split's step time over the unsplit step's, at most
+MANY_TARGETS = {"rows": 1.02, "cols": 1.05, "mask": 1.05, "sparse_1": 1.05}
+#: The layout paramsplit is meant to pick for a split variant (checked in the sparse and many
+#: tables, where the target depends on it)
+LAYOUTS = {"rows": "rows", "cols": "cols", "mask": "mask", "sparse_1": "sparse",
+           "sparse_10": "sparse"}
 
 
 def _checks(case: Any, batch: int, variant: str, samples: dict[str, list[float]],
             t: dict[str, float], info: dict[str, Any]) -> list[dict[str, Any]]:
-    """The sparse table's targets for ``variant``: ``{"target", "value", "ok"}`` each."""
-    if case.kind != "sparse":
+    """The sparse and many tables' targets for ``variant``: ``{"target", "value", "ok"}`` each."""
+    if case.kind not in ("sparse", "many"):
         return []
     out = []
-    if variant.startswith("sparse_"):  # the layout paramsplit is meant to use
-        want = "mask" if variant.startswith("sparse_mask_") else "sparse"
+    want = LAYOUTS.get(variant)
+    if want is not None:  # the layout paramsplit is meant to use
         out.append({"target": f"layout {want}", "value": info.get("layout"),
                     "ok": info.get("layout") == want})
+    if case.kind == "many":
+        if variant in MANY_TARGETS:
+            x = MANY_TARGETS[variant]
+            out.append({"target": f"<= {x:.2f}x unsplit", "value": t["ratio"],
+                        "ok": t["ratio"] <= x})
+        return out
     if variant == SPARSE_VARIANT:
         if batch == SPARSE_TARGET_BATCH:
             out.append({"target": f"<= {SPARSE_TIME_TARGET:.2f}x full_ft", "value": t["ratio"],
@@ -49,10 +61,10 @@ def record(case: Any, batch: int, variant: str, samples: dict[str, list[float]],
            info: dict[str, Any] | None = None) -> dict[str, Any]:
     """One result. Ratios ``x`` are over the case's reference variant (``REFERENCE``: the
     unsplit model, or full fine-tuning in the sparse table); ``info``: the variant's own facts
-    (``layout``, ``trained``: the share of the weight's elements it trains)."""
+    (``layout``, ``trained``: the share of the weights' elements it trains)."""
     info = info or {}
     ref = REFERENCE[case.kind]
-    floor = VARIANTS[variant].floor
+    floor = floor_of(case.kind, variant)
     t = ratios(samples, variant, ref)
     tf = ratios(samples, variant, floor) if floor else None
     key = f"{variant}/{batch}"
@@ -146,13 +158,15 @@ def render(report: dict[str, Any]) -> str:
               "peak MB", "mem x unsplit", "mem x floor", "")
     for c in report["cases"]:
         lines += ["", f"== {c['label']} =="]
-        if c["kind"] == "sparse":
-            lines += _sparse_table(report, c)
-            continue
-        if c["kind"] != "linear":
+        if c["kind"] not in ("linear", "sparse"):
             seq = ", ".join(f"batch {b}: {s}" for b, s in c["seq"].items())
-            what = "sequence length" if c["kind"] == "gpt2" else "prompt length"
-            lines.append(f"   {what} {seq}; split: every 2-D weight in transformer.h.*")
+            what = "prompt length" if c["kind"] == "generate" else "sequence length"
+            n = f"{c['n_split']} weights" if c.get("n_split") else "every 2-D weight"
+            threads = f"; torch threads {c['threads']}" if c.get("threads") else ""
+            lines.append(f"   {what} {seq}; split: {n} in transformer.h.*{threads}")
+        if c["kind"] in ("sparse", "many"):
+            lines += _reference_table(report, c)
+            continue
         rows = [header]
         for r in report["results"]:
             if r["case"] != c["label"]:
@@ -184,18 +198,25 @@ def _check(ck: dict[str, Any]) -> str:
     return f"{val} (target {ck['target']})"
 
 
-def _sparse_table(report: dict[str, Any], c: dict[str, Any]) -> list[str]:
-    """The sparse fine-tuning table: every variant against full fine-tuning, and its targets."""
+def _reference_table(report: dict[str, Any], c: dict[str, Any]) -> list[str]:
+    """The sparse fine-tuning and many-weights tables: every variant against the reference
+    (full fine-tuning; the unsplit model), and its targets."""
+    ref = REFERENCE[c["kind"]]
+    if c["kind"] == "sparse":
+        targets = (f"{SPARSE_VARIANT} <= {SPARSE_TIME_TARGET:.2f}x {ref} at batch "
+                   f"{SPARSE_TARGET_BATCH} and faster than {SPARSE_RIVAL} at every batch; "
+                   "sparse_* on the sparse layout")
+    else:
+        targets = (", ".join(f"{v} <= {x:.2f}x" for v, x in MANY_TARGETS.items())
+                   + f" {ref} (the unsplit step, also full fine-tuning: the reference of "
+                   "sparse_1); each split on its layout")
     lines = textwrap.wrap(
-        "x full_ft / mem x full_ft: median step time / peak memory over full fine-tuning's "
-        "(full_ft), all timed interleaved; iqr: quartiles of the per-round paired ratio; "
-        "trained: the share of the weight's elements trained; layout: paramsplit.describe's. "
-        f"Targets: {SPARSE_VARIANT} <= {SPARSE_TIME_TARGET:.2f}x full_ft at batch "
-        f"{SPARSE_TARGET_BATCH} and faster than {SPARSE_RIVAL} at every batch; sparse_* on the "
-        "layout their name says (a miss is listed).", width=110, initial_indent="   ",
-        subsequent_indent="   ")
-    rows = [("batch", "variant", "trained", "layout", "rounds", "ms", "x full_ft", "iqr",
-             "peak MB", "mem x full_ft", "targets")]
+        f"x {ref} / mem x {ref}: median step time / peak memory over {ref}'s, all timed "
+        "interleaved; iqr: quartiles of the per-round paired ratio; trained: the share of the "
+        f"split weights' elements trained; layout: paramsplit.describe's. Targets: {targets} "
+        "(a miss is listed).", width=110, initial_indent="   ", subsequent_indent="   ")
+    rows = [("batch", "variant", "trained", "layout", "rounds", "ms", f"x {ref}", "iqr",
+             "peak MB", f"mem x {ref}", "targets")]
     for r in report["results"]:
         if r["case"] != c["label"]:
             continue

@@ -1,35 +1,47 @@
-"""The variants: what each one does to the same freshly built model, and its step.
+"""The variants: what each one does to its own freshly built model, and its step.
 
-Every variant gets the unsplit model of a :class:`~_cases.Case` (same weights every time) and
-turns it into a :class:`Prepared` model: the model to run, its AdamW param groups, and optional
-extras for the step (an added loss term, work after backward). :func:`build` then makes the step:
-a training step (``zero_grad(set_to_none=True)`` + forward + loss + backward + ``AdamW.step``)
-for ``linear`` / ``gpt2``, or one ``model.generate(...)`` call for ``generate``.
+Every variant gets a fresh unsplit model of a :class:`~_cases.Case` (built anew for each variant,
+with the same weights every time: ``paramsplit.split`` registers plans for the parameters it is
+given, so no two variants may share a model) and turns it into a :class:`Prepared` model: the
+model to run, its AdamW param groups, and optional extras for the step (an added loss term, work
+around the optimizer step). :func:`build` then makes the step: a training step
+(``zero_grad(set_to_none=True)`` + forward + loss + backward + ``AdamW.step``) for ``linear`` /
+``gpt2`` / ``sparse`` / ``many``, or one ``model.generate(...)`` call for ``generate``.
 
 Weight decay: ``WD_LO`` on one region, ``WD_HI`` on the other; the unsplit model has ``WD_HI`` on
 the whole targets (the 0.01, not 0, keeps AdamW's work equal: with weight_decay == 0 AdamW skips
 one pass over the parameter).
 
-Split variants use the public API only: ``paramsplit.split`` on the CPU model, then
-``.to(device)`` and ``paramsplit.param_groups`` on other devices. The floors (``cols_floor``,
-``mask_floor``) are the unsplit model plus exactly the extra work a split of that layout cannot
-avoid; see ``_floors``.
+Split variants use the public API only (paramsplit 0.3): ``paramsplit.split`` on the CPU model
+(it returns the model itself, unchanged, and param groups holding the parts and the weights),
+then, on other devices, ``.to(device)`` and ``paramsplit.param_groups(model)``. Each records the
+``layout`` column of ``paramsplit.describe`` (``info["layout"]``: every layout its weights got,
+comma-separated). The floors (``cols_floor``, ``mask_floor``) are the unsplit model plus exactly
+the copies a split of that layout cannot avoid; see ``_floors``. In the ``generate`` table the
+mask split's floor is the unsplit model itself (0.3 runs no paramsplit code in the forward).
 
 The ``sparse`` table (sparse fine-tuning, project issue 12) has its own group, judged against
 ``full_ft`` (full fine-tuning: the unsplit layer, AdamW over all of it, weight_decay
-``WD_SPARSE`` on the weight); at 1% and 10% trainable, a random bool mask with a fixed seed:
+``WD_SPARSE`` on the weight); at 1% and 10% trainable, a random bool mask with a fixed seed per
+split weight:
 
 * ``sparse_<p>``       ``paramsplit.Regions(mask, {True: {"weight_decay": 0.01}, False: FROZEN})``;
                        paramsplit picks its ``sparse`` layout by itself (recorded from
-                       ``paramsplit.describe`` as ``info["layout"]``).
-* ``sparse_mask_<p>``  the same spec forced onto the gather layout (``mask``):
-                       ``paramsplit._spec._as_sparse`` returns None while ``split`` runs.
+                       ``paramsplit.describe`` as ``info["layout"]``). In 0.3 ``sparse`` is the
+                       ``mask`` mechanism (one gather of the trained elements' values and
+                       gradients, one scatter back) under another name, so the 0.2 table's
+                       ``sparse_mask_<p>`` column (the same spec forced onto the gather layout by
+                       patching ``paramsplit._spec._as_sparse``) is gone: it measured nothing new.
 * ``hooks_<p>``        the unsplit layer, ``weight.register_hook(lambda g: g * mask)``, AdamW over
                        all of it (inexact: decay and the moments still move frozen elements).
 * ``shira``            PEFT's SHiRA (``peft.ShiraConfig(r=8)``, its default random mask: r * (in
                        + out) elements, 0.98% of the Linear(1024, 4096)) on the Linear inside a
                        wrapper module, AdamW over the PEFT model's trainable parameters (the
                        adapter's values; the bias stays frozen). Only with ``peft`` installed.
+
+The ``many`` table (48 small weights of a 12-layer GPT-2) times ``baseline`` (unsplit; also full
+fine-tuning), ``rows``, ``cols``, ``mask`` (50%), ``sparse_1`` (1% of every weight trained, the
+rest FROZEN), ``penalty`` and ``hooks``, every ratio over the unsplit step (``REFERENCE``).
 """
 
 from __future__ import annotations
@@ -43,7 +55,6 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import paramsplit
-import paramsplit._spec
 
 from _cases import Case, build_base, generate, have_peft, make_inputs, target_names, task_loss
 from _floors import cols_floor, mask_floor
@@ -86,7 +97,8 @@ class Prepared:
     model: nn.Module
     groups: list[dict[str, Any]]
     extra_loss: Callable[[], Tensor] | None = None
-    after_backward: Callable[[], None] | None = None
+    before_step: Callable[[], None] | None = None  # after backward, before optimizer.step()
+    after_step: Callable[[], None] | None = None  # after optimizer.step()
     info: dict[str, Any] = field(default_factory=dict)  # reported with the results (layout, ...)
 
 
@@ -117,10 +129,11 @@ def baseline(s: Setup) -> Prepared:
 
 def _split(s: Setup, spec: Any) -> Prepared:
     model, groups = paramsplit.split(s.model, spec)
+    assert model is s.model  # 0.3: the model itself, unchanged
     if s.device.type != "cpu":
         model.to(s.device)
         groups = paramsplit.param_groups(model)
-    return Prepared(model, groups)
+    return Prepared(model, groups, info={"layout": ",".join(sorted(set(layouts(model))))})
 
 
 def _blocks(s: Setup, make: Callable[..., Any], dim: int) -> Prepared:
@@ -218,16 +231,20 @@ def parametrized(s: Setup) -> Prepared:
 # -- the sparse table ---------------------------------------------------------------------------
 
 
-def _sparse_mask(s: Setup, share: float) -> Tensor:
-    """The trained elements of the weight: a random bool mask with ``share`` of them (fixed seed,
-    the same in every variant of that share)."""
-    (w,), _ = s.params()
-    g = torch.Generator().manual_seed(12)
-    return torch.rand(w.shape, generator=g) < share
+def _sparse_masks(s: Setup, share: float) -> dict[str, Tensor]:
+    """The trained elements of each target: a random bool mask with ``share`` of them (a fixed
+    seed per target, the same in every variant of that share)."""
+    targets, _ = s.params()
+    out = {}
+    for i, (name, w) in enumerate(zip(s.names, targets)):
+        g = torch.Generator().manual_seed(12 + i)
+        out[name] = torch.rand(w.shape, generator=g) < share
+    return out
 
 
-def _trained(mask: Tensor) -> dict[str, Any]:
-    return {"trained": mask.sum().item() / mask.numel()}
+def _trained(masks: dict[str, Tensor]) -> dict[str, Any]:
+    return {"trained": sum(m.sum().item() for m in masks.values())
+            / sum(m.numel() for m in masks.values())}
 
 
 def layouts(model: nn.Module) -> list[str]:
@@ -244,22 +261,13 @@ def full_ft(s: Setup) -> Prepared:
     return Prepared(s.model, _unsplit_groups(s, WD_SPARSE), info={"trained": 1.0})
 
 
-def _sparse_split(share: float, force_mask: bool) -> Callable[[Setup], Prepared]:
+def _sparse_split(share: float) -> Callable[[Setup], Prepared]:
     def prepare(s: Setup) -> Prepared:
-        mask = _sparse_mask(s, share)
-        spec = {"weight": paramsplit.Regions(mask, {True: {"weight_decay": WD_SPARSE},
-                                                    False: paramsplit.FROZEN})}
-        if force_mask:
-            as_sparse = paramsplit._spec._as_sparse
-            paramsplit._spec._as_sparse = lambda *args, **kwargs: None
-            try:
-                p = _split(s, spec)
-            finally:
-                paramsplit._spec._as_sparse = as_sparse
-        else:
-            p = _split(s, spec)
-        got = layouts(p.model)
-        p.info = dict(_trained(mask), layout=got[0] if len(got) == 1 else ",".join(got))
+        masks = _sparse_masks(s, share)
+        p = _split(s, {n: paramsplit.Regions(m, {True: {"weight_decay": WD_SPARSE},
+                                                 False: paramsplit.FROZEN})
+                       for n, m in masks.items()})
+        p.info.update(_trained(masks))
         return p
 
     return prepare
@@ -267,12 +275,13 @@ def _sparse_split(share: float, force_mask: bool) -> Callable[[Setup], Prepared]
 
 def _masked_hooks(share: float) -> Callable[[Setup], Prepared]:
     def prepare(s: Setup) -> Prepared:
-        mask = _sparse_mask(s, share)
+        masks = _sparse_masks(s, share)
         _on_device(s)
-        (w,), _ = s.params()
-        keep = mask.to(w.dtype).to(s.device)
-        w.register_hook(lambda g: g * keep)
-        return Prepared(s.model, _unsplit_groups(s, WD_SPARSE), info=_trained(mask))
+        targets, _ = s.params()
+        for n, w in zip(s.names, targets):
+            keep = masks[n].to(w.dtype).to(s.device)
+            w.register_hook(lambda g, keep=keep: g * keep)
+        return Prepared(s.model, _unsplit_groups(s, WD_SPARSE), info=_trained(masks))
 
     return prepare
 
@@ -310,8 +319,8 @@ def _floor(make: Callable[..., Any]) -> Callable[[Setup], Prepared]:
         masks = s.random_masks()
         _on_device(s)
         groups = _unsplit_groups(s, WD_HI)
-        return Prepared(s.model, groups,
-                        after_backward=make(s.model, s.names, s.device, masks))
+        before, after = make(s.model, s.names, s.device, masks)
+        return Prepared(s.model, groups, before_step=before, after_step=after)
 
     return prepare
 
@@ -319,14 +328,13 @@ def _floor(make: Callable[..., Any]) -> Callable[[Setup], Prepared]:
 _ALL = (
     Variant("baseline", None, "the unsplit model (rows' floor)", baseline),
     Variant("rows", "baseline", "paramsplit.rows: 2 row blocks", rows),
-    Variant("cols_floor", None, "unsplit + 2 weight-sized copies (assemble, split the grad)",
-            _floor(cols_floor)),
+    Variant("cols_floor", None, "unsplit + 3 weight-sized copies per step (the columns' values "
+            "in, their gradient, the values back)", _floor(cols_floor)),
     Variant("cols", "cols_floor", "paramsplit.cols: 2 column blocks", cols),
     Variant("forum", "cols_floor", "paramsplit.Regions, mask[:, :in/2] = 1 (the forum's mask)",
             forum),
-    Variant("mask_floor", None, "unsplit + 2 int32 index gathers (weight, its grad) sorting "
-            "by the mask",
-            _floor(mask_floor)),
+    Variant("mask_floor", None, "unsplit + index_select of the values, index_select of the "
+            "gradient, index_copy_ back, sorting by the mask", _floor(mask_floor)),
     Variant("mask", "mask_floor", "paramsplit.Regions: a random 50% mask", mask),
     Variant("penalty", None, "masked L2 penalty on the loss (the forum answer)", penalty),
     Variant("hooks", None, "gradient hooks zeroing half of each gradient", hooks),
@@ -337,16 +345,14 @@ _ALL = (
 def _sparse_variants(p: str, share: float) -> tuple[Variant, ...]:
     return (
         Variant(f"sparse_{p}", None, f"paramsplit.Regions, {p}% trained, the rest FROZEN "
-                "(paramsplit's own choice: the sparse layout)", _sparse_split(share, False)),
-        Variant(f"sparse_mask_{p}", None, f"the same {p}% spec forced onto the gather layout "
-                "(mask)", _sparse_split(share, True)),
+                "(paramsplit's own choice: the sparse layout)", _sparse_split(share)),
         Variant(f"hooks_{p}", None, f"gradient hook masking all but {p}% of the unsplit "
                 "weight's gradient, AdamW over all of it (inexact)", _masked_hooks(share)),
     )
 
 
 _SPARSE = (
-    Variant("full_ft", None, "full fine-tuning: the unsplit layer, AdamW over all of it "
+    Variant("full_ft", None, "full fine-tuning: the unsplit model, AdamW over all of it "
             "(the sparse table's reference)", full_ft),
     *_sparse_variants("1", SPARSE_SHARES["1"]),
     Variant("shira", None, f"PEFT SHiRA r={SHIRA_R}, its default random mask (r * (in + out) "
@@ -359,12 +365,25 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL + _SPARSE}
 GROUPS: dict[str, tuple[str, ...]] = {
     "linear": tuple(v.name for v in _ALL),
     "gpt2": tuple(v.name for v in _ALL if v.name != "forum"),
-    "generate": ("baseline", "mask_floor", "mask"),
+    "generate": ("baseline", "mask"),
     "sparse": tuple(v.name for v in _SPARSE if v.name != "shira" or have_peft()),
+    "many": ("baseline", "rows", "cols", "mask", "sparse_1", "penalty", "hooks"),
 }
 #: Per kind, the variant the others' ``x`` ratios are taken over.
 REFERENCE: dict[str, str] = {"linear": "baseline", "gpt2": "baseline", "generate": "baseline",
-                             "sparse": "full_ft"}
+                             "sparse": "full_ft", "many": "baseline"}
+#: Per kind, floors that differ from ``Variant.floor``: ``generate`` runs no optimizer step, so
+#: the mask split's floor is the unsplit model; ``many`` is judged against the unsplit step
+#: (``_report.MANY_TARGETS``), not against floors.
+_FLOORS: dict[str, dict[str, str | None]] = {
+    "generate": {"mask": "baseline"},
+    "many": {"rows": None, "cols": None, "mask": None},
+}
+
+
+def floor_of(kind: str, variant: str) -> str | None:
+    """The variant whose time and memory ``variant``'s are judged against in a ``kind`` table."""
+    return _FLOORS.get(kind, {}).get(variant, VARIANTS[variant].floor)
 
 
 # -- steps -------------------------------------------------------------------------------------
@@ -380,7 +399,9 @@ def build(case: Case, variant: str, batch: int, device: str | torch.device = "cp
     """A fresh model for ``variant`` and its step at ``batch``, ready to time."""
     device = torch.device(device)
     model = build_base(case)
-    p = VARIANTS[variant].prepare(Setup(case, device, model, target_names(case, model)))
+    names = target_names(case, model)
+    p = VARIANTS[variant].prepare(Setup(case, device, model, names))
+    p.info.setdefault("n_targets", len(names))
     inputs = make_inputs(case, batch, device)
     if case.kind == "generate":
         def gen_step() -> None:
@@ -396,8 +417,10 @@ def build(case: Case, variant: str, batch: int, device: str | torch.device = "cp
         if p.extra_loss is not None:
             loss = loss + p.extra_loss()
         loss.backward()
-        if p.after_backward is not None:
-            p.after_backward()
+        if p.before_step is not None:
+            p.before_step()
         opt.step()
+        if p.after_step is not None:
+            p.after_step()
 
     return Runner(train_step, p)

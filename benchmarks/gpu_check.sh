@@ -6,6 +6,7 @@
 # With a CUDA device (nvidia-smi lists a GPU and torch.cuda.is_available()):
 #   (a) PARAMSPLIT_TEST_DEVICE=cuda python -m pytest -q tests/test_device.py   (the core contract)
 #   (b) python benchmarks/step.py --device cuda --budget 5 --json $OUT/step_cuda.json
+#       (every table of step.py, the 48-weight `many` one included)
 # Without one (or with PARAMSPLIT_GPU_CHECK_CPU=1), a quick mode that runs here too:
 #   python benchmarks/step.py --quick --json $OUT/step_cpu_quick.json      (no pytest)
 #

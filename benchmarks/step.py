@@ -8,37 +8,48 @@ Usage::
     python benchmarks/step.py --device cuda    # the same tables on CUDA
     python benchmarks/step.py --models linear --json out.json   # raw numbers, every sample
     python benchmarks/step.py --models sparse --threads 2       # the sparse fine-tuning table
+    python benchmarks/step.py --models many    # 48 small weights: the per-weight overhead
 
 Tables (``_cases``): ``nn.Linear(1024, 4096)`` at batch 8/128/2048; a GPT-2 (2 layers, n_embd 256,
 every 2-D weight of the blocks split) at batch 8/128/2048; ``generate``: a GPT-2 (2 layers,
 n_embd 128, vocab 1000, every 2-D weight of the blocks split by a random 50% mask) timing
-``model.generate(input_ids, max_new_tokens=32, do_sample=False)``; and ``sparse``: sparse
-fine-tuning (project issue 12) of the ``nn.Linear(1024, 4096)`` at batch 8/128/2048. The GPT-2
-tables need ``transformers``; without it they are skipped with a note.
+``model.generate(input_ids, max_new_tokens=32, do_sample=False)``; ``sparse``: sparse
+fine-tuning (project issue 12) of the ``nn.Linear(1024, 4096)`` at batch 8/128/2048; and
+``many``: a 12-layer GPT-2 with n_embd 64 (n_head 4, n_positions 64, vocab 1000), batch 2 x 32
+tokens, one torch thread, its 48 block weights (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``,
+``mlp.c_proj``) split. The GPT-2 tables need ``transformers``; without it they are skipped with
+a note.
 
-Variants (``_variants``, ``_floors``), every one from the same initial weights; a step is
-``zero_grad(set_to_none=True)`` + forward + loss + backward + ``AdamW.step``:
+paramsplit 0.3 leaves the model as it is (``split`` returns the model itself) and steps parts of
+each split weight in the optimizer; optimizer-step hooks copy values and gradients between the
+weight and the parts once per step. Every variant builds its own fresh model (``split`` registers
+plans for the parameters it is given, so a model is never shared between variants), from the
+same initial weights; a step is ``zero_grad(set_to_none=True)`` + forward + loss + backward +
+``AdamW.step`` (AdamW's default implementation: on the CPU, its for-loop one).
+
+Variants (``_variants``, ``_floors``):
 
 * ``baseline``     the unsplit model; also rows' floor.
-* ``rows``         ``paramsplit.rows``, 2 row blocks (weight_decay 0.01 / 0.1).
-* ``cols_floor``   unsplit + 2 weight-sized copies per step (assemble: the forward reads a fresh
-                   copy of the weight; split the grad: one copy of the weight's grad after
-                   backward).
+* ``rows``         ``paramsplit.rows``, 2 row blocks (weight_decay 0.01 / 0.1); its parts are
+                   views of the weight, so its floor is the unsplit step.
+* ``cols_floor``   the unsplit step + 3 weight-sized copies per step: the trained columns'
+                   values into dense buffers and their gradient before ``AdamW.step``, the values
+                   back into the weight after it.
 * ``cols``         ``paramsplit.cols``, 2 column blocks; floor: ``cols_floor``.
 * ``forum``        (Linear only) the forum question's ``mask[:, :5] = 1`` scaled to the Linear:
                    ``mask[:, :512] = 1`` as ``paramsplit.Regions`` with two weight-decay options;
                    its regions are two column blocks, so its floor is ``cols_floor``.
-* ``mask_floor``   unsplit + 2 index gathers per step with int32 permutation indices
-                   (``weight.view(-1).index_select(0, perm)`` forward, the grad gathered back
-                   once in backward); ``perm`` sorts the elements by the ``mask`` variant's
-                   random 50% mask (a uniformly random permutation misses the cache at every
-                   element: no floor, 5.8x the unsplit step at Linear batch 8).
+* ``mask_floor``   the unsplit step + ``index_select`` of the values, ``index_select`` of the
+                   gradient (before ``AdamW.step``) and ``index_copy_`` of the values back (after
+                   it), with the int64 permutation that sorts the elements by the ``mask``
+                   variant's random 50% mask.
 * ``mask``         ``paramsplit.Regions``, a random 50% mask; floor: ``mask_floor``.
 * ``penalty``      the forum answer: masked L2 penalty on the loss (not exact AdamW decay).
 * ``hooks``        gradient hooks zeroing the frozen half of each gradient.
 * ``parametrize``  ``torch.nn.utils.parametrize``: ``cat`` of two row blocks.
 
-The ``generate`` table has ``baseline``, ``mask_floor`` and ``mask`` (no optimizer).
+The ``generate`` table has ``baseline`` and ``mask``: 0.3 runs no paramsplit code in the forward,
+so the mask split's floor there is the unsplit model.
 
 The ``sparse`` table has variants of its own, every ratio over ``full_ft``; a random bool mask
 (fixed seed) picks 1% or 10% of the weight to train (``weight_decay`` 0.01), the rest is frozen:
@@ -47,24 +58,32 @@ The ``sparse`` table has variants of its own, every ratio over ``full_ft``; a ra
 * ``sparse_1/10``      ``paramsplit.split(layer, {"weight": Regions(mask, {True: {...}, False:
                        FROZEN})})``: paramsplit picks its ``sparse`` layout by itself (the
                        ``layout`` column and JSON field: from ``paramsplit.describe``).
-* ``sparse_mask_1/10`` the same spec forced onto the gather layout (``mask``):
-                       ``paramsplit._spec._as_sparse`` patched to return None during ``split``.
 * ``hooks_1/10``       the unsplit layer, ``weight.register_hook(lambda g: g * mask)``, AdamW over
                        all of it (inexact: decay and the moments still move frozen elements).
 * ``shira``            PEFT's SHiRA, ``ShiraConfig(r=8)`` with its default random mask (0.98% of
                        the weight) on the Linear in a wrapper module, AdamW over the PEFT model's
                        trainable parameters; needs ``peft`` >= 0.17, else skipped with a note.
 
+(0.2's ``sparse_mask_1/10`` column, the same spec forced onto the gather layout, is gone: in 0.3
+``sparse`` and ``mask`` are one mechanism.)
+
+The ``many`` table: ``baseline`` (unsplit, also full fine-tuning), ``rows``, ``cols``, ``mask``
+(random 50%), ``sparse_1`` (a random 1% of every weight trained, the rest FROZEN), ``penalty`` and
+``hooks``, every ratio over the unsplit step; split weights get weight_decay 0.01 / 0.1.
+
 Targets: each split (rows, cols, forum, mask) within 1.10x of its floor's step time, and its
 peak memory within 1.05x of its floor's; in the sparse table, ``sparse_1`` at most 0.50x
 ``full_ft``'s step time at batch 8 and faster than ``shira`` at every batch, and the sparse_*
-variants on the layout their name says. Misses are listed at the end ("targets missed").
+variants on the sparse layout; in the many table, ``rows`` at most 1.02x the unsplit step and
+``cols``, ``mask``, ``sparse_1`` at most 1.05x, each on its layout. Misses are listed at the end
+("targets missed").
 
 Time (``_timing``): all variants of one table are built, warmed up (2 steps each) and timed
 interleaved in this process, the order rotating every round, in whole rotations until
 ``--budget`` seconds have passed; figures are ratios of medians (x unsplit, x floor), with the
 quartiles of the per-round paired ratio as a noise indicator. On CUDA every step is bracketed by
-``torch.cuda.synchronize()``. ``--quick`` runs one rotation, 1 thread unless ``--threads``.
+``torch.cuda.synchronize()``. ``--quick`` runs one rotation, 1 thread unless ``--threads``; a
+table with threads of its own (``many``: 1) runs with those.
 
 Memory (``_memory``): every (table, variant) is built and stepped twice in a fresh process; the
 figure is the peak over the memory in use before the build (CPU: RSS with glibc's mmap threshold
@@ -94,8 +113,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"),
                     help="where to write every record (default: benchmarks/results.json)")
-    ap.add_argument("--models", default="linear,gpt2,generate,sparse",
-                    help="comma-separated tables: linear,gpt2,generate,sparse")
+    ap.add_argument("--models", default="linear,gpt2,generate,sparse,many",
+                    help="comma-separated tables: linear,gpt2,generate,sparse,many")
     ap.add_argument("--batches", default=None, help="comma-separated subset of the batches")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds of timed rounds per table and batch (default 35; CUDA 10)")
@@ -157,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads if args.threads is not None else (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
+    run_threads = torch.get_num_threads()  # a table without threads of its own runs with these
     cuda = args.device.startswith("cuda")
     budget = args.budget if args.budget is not None else (0.0 if args.quick else 10.0 if cuda
                                                            else 35.0)
@@ -171,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def jobs(case: Any) -> list[dict[str, Any]]:
         base = {"case": case.to_json(), "batches": batches_of(case), "steps": 2,
-                "threads": threads, "device": args.device}
+                "threads": case.threads or threads, "device": args.device}
         if args.quick or cuda:  # CUDA's reading needs no process per variant
             return [dict(base, variants=list(GROUPS[case.kind]))]
         return [dict(base, variants=[v]) for v in GROUPS[case.kind]]
@@ -194,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         n = len(variants)
         timed = {}
         info: dict[int, dict[str, dict[str, Any]]] = {}
+        torch.set_num_threads(case.threads or run_threads)
         for batch in batches_of(case):
             _progress(t0, f"timing {case.label()} batch {batch}")
             runners = {v: build(case, v, batch, args.device) for v in variants}
@@ -215,8 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                 res = probe.result()
                 mem.update(res["mem"])
                 build_mem.update(res["build"])
+        first = next(iter(info.values()), {})
         report["cases"].append({"label": case.label(), "kind": case.kind, "sizes": case.sizes,
-                                "seq": {b: case.seq[b] for b in timed if b in case.seq}})
+                                "seq": {b: case.seq[b] for b in timed if b in case.seq},
+                                "threads": torch.get_num_threads(),
+                                "n_split": max((i.get("n_targets", 0) for i in first.values()),
+                                               default=0)})
+        torch.set_num_threads(run_threads)
         for batch, (samples, rounds) in timed.items():
             for v in variants:
                 report["results"].append(record(case, batch, v, samples, rounds, mem, build_mem,

@@ -2,9 +2,10 @@
 
 FISH-style: one batch's gradient magnitude picks, per 2-D weight of GPT-2's blocks, the top 1%
 of elements; they train with AdamW, everything else in those weights is FROZEN. paramsplit picks
-its `sparse` layout by itself (the FROZEN region is most of each weight): the frozen majority
-stays one tensor in the original layout that the forward reads with no copy, the trained elements
-are small parts, and the optimizer keeps state for them only.
+its `sparse` layout by itself (the FROZEN region is most of each weight). The model is not
+changed: its forward and backward run as before. The optimizer steps the trained elements as
+small dense parts (gathered from the weights before each step, written back after it) and keeps
+state for them only.
 
 Run: python examples/sparse_finetune.py
 """
@@ -19,8 +20,9 @@ import paramsplit
 from paramsplit import FROZEN, Regions
 
 torch.manual_seed(0)
+transformers.logging.set_verbosity_error()
 config = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, vocab_size=1000,
-                                 n_positions=64)
+                                 n_positions=64, bos_token_id=0, eos_token_id=0)
 model = transformers.GPT2LMHeadModel(config)
 batch = torch.randint(0, 1000, (8, 32))
 
@@ -42,13 +44,13 @@ for name, p in model.transformer.h.named_parameters():
 model.zero_grad(set_to_none=True)
 
 full = copy.deepcopy(model)  # full fine-tuning, for comparison
-split_model, groups = paramsplit.split(model, spec)
-print(paramsplit.describe(split_model).splitlines()[0])
-print(paramsplit.describe(split_model).splitlines()[1])
-print("...")
-frozen_before = {k: v.clone() for k, v in split_model.state_dict().items() if k in spec}
+model, groups = paramsplit.split(model, spec)
+table = paramsplit.describe(model).splitlines()
+print("\n".join(table[:3]))
+print(f"... ({len(table) - 1} regions of {len(spec)} weights)")
+frozen_before = {k: v.clone() for k, v in model.state_dict().items() if k in spec}
 
-runs = {"sparse (paramsplit)": (split_model, torch.optim.AdamW(groups, lr=1e-3)),
+runs = {"sparse (paramsplit)": (model, torch.optim.AdamW(groups, lr=1e-3)),
         "full fine-tuning": (full, torch.optim.AdamW(full.parameters(), lr=1e-3))}
 times: dict[str, list[float]] = {k: [] for k in runs}
 for step in range(8):
@@ -72,7 +74,7 @@ for label, (m, opt) in runs.items():
     print(f"{label:20}  step {median * 1e3:7.1f} ms ({median / base:.2f}x)  "
           f"optimizer state {state_bytes(opt) / 2**20:6.2f} MiB")
 
-after = split_model.state_dict()
+after = model.state_dict()
 for key, plan in spec.items():
     frozen = ~plan.mask
     assert torch.equal(after[key][frozen], frozen_before[key][frozen]), key

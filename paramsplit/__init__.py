@@ -16,7 +16,7 @@ from ._state import (
     merged_state_dict,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "FROZEN",

@@ -1,258 +1,261 @@
-"""Region planning: how a parameter's elements are laid out in its sub-parameters.
+"""Layouts: how the parts of a split parameter map to its elements.
 
-A split parameter of shape ``S`` becomes one sub-parameter ("part") per region. All parts are dense
-(contiguous) views into one fresh storage, the *base*, so that every optimizer implementation
-(for-loop, foreach, fused) sees ordinary tensors:
+A split parameter keeps living in the model, untouched. Its *parts* are tensors the optimizer
+holds instead of it, one per trained region (FROZEN regions have none). A layout knows how to
 
-* ``rows``: the base has the original shape; part ``i`` is ``base[start_i:stop_i]``, so the base
-  *is* the original tensor: no copy, and each part's gradient is a view of the weight's.
-* ``cols``: the base holds the column blocks one after the other. A block of columns of the
-  original layout is not dense, and fused optimizers mishandle such views.
-* ``mask``: the base is 1-D with the elements sorted by region (stable); part ``i`` is a slice of
-  it. ``inv`` gathers the base into the original layout, ``perm`` gathers back.
-* ``sparse`` (a mask whose FROZEN region holds most elements): the FROZEN part (``held``) is a
-  whole tensor in the original layout; the trained regions' parts are slices of a small 1-D base,
-  ``perm`` their positions. Assembly writes just them into the held part (``index_copy_``), which
-  the forward then reads; work and optimizer state scale with the trained elements.
+* make the parts from the weight (:meth:`_Layout.parts_from`),
+* bring the weight's current values into the parts before a step (:meth:`_Layout.load`),
+* cut the weight's gradient into part gradients (:meth:`_Layout.grads`),
+* write the parts' values back into the weight after a step (:meth:`_Layout.store`),
+* and convert per-part tensors (optimizer state) to and from the weight's layout
+  (:meth:`_Layout.full`, :meth:`_Layout.pieces`).
 
-This module only describes layouts and moves values between the two layouts; keeping the
-original-layout tensor in sync with the parts is ``_assemble``'s job.
+``rows`` parts are views of the weight: no copy ever, and their gradients are views of the
+weight's gradient. ``cols`` and ``mask`` parts are dense copies (fused optimizer kernels mishandle
+strided views): one gather of values and of gradients before a step, one scatter after it.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch import Tensor
 
 from ._spec import _Region, _Target
 
-try:  # FSDP2 shards parameters into DTensors (torch >= 2.5)
-    from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = Replicate = None  # type: ignore[assignment, misc]
 
-
-def _has_storage(t: Tensor) -> bool:
-    """Whether ``t`` owns plain storage: not a wrapper such as FSDP2's DTensor or a
-    ``torch.func`` transform's tensor."""
-    return not (is_traceable_wrapper_subclass(t) or t.device.type == "meta"
-                or torch._C._functorch.is_functorch_wrapped_tensor(t))
-
-
-def _sharded(t: Tensor) -> bool:
-    """Whether ``t`` is a wrapper such as FSDP2's DTensor (its storage is not ours)."""
-    return is_traceable_wrapper_subclass(t)
-
-
-def _index_like(index: Tensor, like: Tensor) -> Tensor:
-    """``index`` on ``like``'s device; a replicated DTensor on its mesh if ``like`` is one."""
-    if DTensor is not None and isinstance(like, DTensor) and not isinstance(index, DTensor):
-        mesh = like.device_mesh
-        return DTensor.from_local(index.to(like.device), mesh, [Replicate()] * mesh.ndim,
-                                  run_check=False)
-    return index.to(like.device)
-
-
-@dataclass(eq=False)
 class _Layout:
-    """Description of one split parameter; shared by all modules that own it.
+    """Where each trained region's elements live in the weight; see the module docstring."""
 
-    ``requires_grad`` is the parameter's as the user sees it (``owner.weight.requires_grad_()``
-    changes it); ``cache`` is the original-layout store kept by ``_assemble``."""
+    kind = ""
 
-    kind: str  # "whole", "rows", "cols", "mask" or "sparse"
-    shape: tuple[int, ...]
-    regions: list[_Region]
-    requires_grad: bool
-    dim: int = 0
-    bounds: list[tuple[int, int]] | None = None
-    perm_cpu: Tensor | None = None  # kept only for meta parameters, to rebuild indices later
-    name: str = ""  # the parameter's (first) name in the model
-    digest: str = ""  # identifies the layout (kind, shape, blocks, mask): see _groups
-    cache: Any = field(default=None, repr=False)  # _assemble's store; never copied or pickled
+    def __init__(self, target: _Target) -> None:
+        self.shape = tuple(target.param.shape)
+        self.target = dataclasses.replace(target, param=torch.empty(self.shape, device="meta"))
+        self.regions = target.regions
+        self.trained = [i for i, r in enumerate(self.regions) if r.options is not None]
+        self.label = target.kind  # "sparse" is a mask whose FROZEN region is most of it
+        self.digest = _digest(target)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "cache": None}
+    def part_shapes(self) -> list[tuple[int, ...]]:
+        raise NotImplementedError
 
-    @property
-    def split(self) -> bool:
-        return self.kind != "whole"
+    def local(self, start: int, stop: int) -> _Layout:
+        """This layout restricted to rows ``start:stop`` (a shard of a ``Shard(0)`` DTensor):
+        the same trained regions, some possibly empty here."""
+        t = self.target
+        shape = (stop - start,) + self.shape[1:]
+        per_row = 1
+        for n in self.shape[1:]:
+            per_row *= n
+        bounds, ids = t.bounds, t.region_ids
+        if ids is not None:
+            ids = ids[start * per_row: stop * per_row]
+            counts = torch.bincount(ids.long(), minlength=len(t.regions)).tolist()
+        elif t.dim == 0:
+            assert bounds is not None
+            bounds = [(min(max(a - start, 0), stop - start), min(max(b - start, 0), stop - start))
+                      for a, b in bounds]
+            counts = [(b - a) * per_row for a, b in bounds]
+        else:
+            assert bounds is not None
+            counts = [(stop - start) * (b - a) * (per_row // self.shape[1]) for a, b in bounds]
+        regions = [dataclasses.replace(r, numel=n) for r, n in zip(t.regions, counts)]
+        return type(self)(dataclasses.replace(t, param=torch.empty(shape, device="meta"),
+                                              bounds=bounds, region_ids=ids, regions=regions))
 
-    @property
-    def sizes(self) -> list[int]:
-        return [r.numel for r in self.regions]
+    def pieces(self, full: Tensor) -> list[Tensor]:
+        """The trained regions' elements of ``full`` (the weight's shape), one dense tensor each
+        (views for ``rows``, fresh tensors otherwise)."""
+        raise NotImplementedError
 
-    @functools.cached_property
-    def held(self) -> int:
-        """``sparse``: the index of the FROZEN part that is the whole tensor (kept apart; the
-        other parts are views of one base, as every layout's parts are); else -1."""
-        if self.kind != "sparse":
-            return -1
-        return next(i for i, r in enumerate(self.regions) if r.options is None)
+    def write(self, full: Tensor, pieces: list[Tensor]) -> None:
+        """Copy ``pieces`` (one per trained region) into their elements of ``full``, in place."""
+        raise NotImplementedError
 
-    def linked_of(self, items: list[Any] | tuple[Any, ...]) -> list[Any]:
-        """``items`` (one per part) without the held part's."""
-        held = self.held
-        return [x for i, x in enumerate(items) if i != held]
+    def parts_from(self, weight: Tensor) -> list[Tensor]:
+        """The parts' values, cut from ``weight``; :meth:`load` and :meth:`store` then work on
+        that weight's memory until it moves."""
+        self._at = _where(weight)
+        return self.pieces(weight.detach())
 
-    def with_held(self, held_item: Any, linked: list[Any]) -> list[Any]:
-        """One item per part: ``linked`` with ``held_item`` at the held part's index."""
-        out = list(linked)
-        if self.held >= 0:
-            out.insert(self.held, held_item)
+    def load(self, weight: Tensor, parts: list[Tensor]) -> bool:
+        """Bring the weight's values into ``parts`` (in place); ``False`` if the parts must be
+        made anew (the weight's storage, dtype or device changed)."""
+        raise NotImplementedError
+
+    def grads(self, grad: Tensor) -> list[Tensor]:
+        return self.pieces(grad)
+
+    def store(self, weight: Tensor, parts: list[Tensor]) -> None:
+        """Write the parts back into the weight :meth:`load` last saw."""
+        raise NotImplementedError
+
+    def full(self, pieces: list[Tensor]) -> Tensor:
+        """A tensor of the weight's shape holding ``pieces``; zeros where no trained region is."""
+        out = pieces[0].new_zeros(self.shape)
+        self.write(out, pieces)
         return out
 
-    # -- building ---------------------------------------------------------------------------
 
-    def _shapes(self) -> list[tuple[int, ...]]:
-        """The shape of each part."""
-        if self.kind == "sparse":
-            return self.with_held(self.shape, [(n,) for n in self.linked_of(self.sizes)])
-        if self.kind == "mask":
-            return [(n,) for n in self.sizes]
-        assert self.bounds is not None
-        return [self.shape[:self.dim] + (b - a,) + self.shape[self.dim + 1:]
-                for a, b in self.bounds]
+class _Rows(_Layout):
+    """Blocks of dim 0: each part is a view of the weight (and its gradient a view of the
+    weight's gradient), so nothing is ever copied."""
 
-    def views(self, base: Tensor) -> list[Tensor]:
-        """The linked parts as dense views into ``base``."""
-        if self.kind == "rows":
-            return [base[a:b] for a, b in self.bounds or []]
-        shapes, sizes = self.linked_of(self._shapes()), self.linked_of(self.sizes)
-        return [flat.view(shape) for flat, shape in zip(base.split(sizes), shapes)]
+    kind = "rows"
 
-    def base_from(self, full: Tensor, perm: Tensor | None) -> Tensor:
-        """A fresh base holding the linked parts' values of the (unsplit) tensor ``full``."""
-        full = full.detach()
-        if self.kind in ("mask", "sparse"):
-            assert perm is not None
-            return full.reshape(-1).index_select(0, perm.to(full.device))
-        if self.kind == "cols":
-            return torch.cat([full.narrow(1, a, b - a).reshape(-1) for a, b in self.bounds or []])
-        return full.clone(memory_format=torch.contiguous_format)
+    def __init__(self, target: _Target) -> None:
+        super().__init__(target)
+        assert target.bounds is not None
+        self.bounds = [target.bounds[i] for i in self.trained]
 
-    def values(self, full: Tensor, perm: Tensor | None) -> list[Tensor]:
-        """The parts' values of the (unsplit) tensor ``full``, as dense views of a fresh base
-        (``sparse``: a fresh copy of ``full``, then the trained elements' views)."""
-        held = full.detach().clone(memory_format=torch.contiguous_format) if self.held >= 0 \
-            else None
-        return self.with_held(held, self.views(self.base_from(full, perm)))
+    def part_shapes(self) -> list[tuple[int, ...]]:
+        return [(b - a,) + self.shape[1:] for a, b in self.bounds]
 
-    def linked(self, parts: tuple[Tensor, ...]) -> bool:
-        """Whether ``parts`` are still the dense views :meth:`views` made of one base."""
-        if not all(_has_storage(p) for p in parts):
-            return False  # e.g. FSDP2's sharded DTensors: nothing to alias
-        if self.held >= 0 and not (parts[self.held].is_contiguous()
-                                   and tuple(parts[self.held].shape) == self.shape):
+    def pieces(self, full: Tensor) -> list[Tensor]:
+        return [full[a:b] for a, b in self.bounds]
+
+    def write(self, full: Tensor, pieces: list[Tensor]) -> None:
+        torch._foreach_copy_(self.pieces(full), pieces)
+
+    def load(self, weight: Tensor, parts: list[Tensor]) -> bool:
+        return _where(weight) == self._at  # the parts are still views of the weight's memory
+
+    def store(self, weight: Tensor, parts: list[Tensor]) -> None:
+        pass  # the parts are the weight's own memory
+
+
+class _Cols(_Layout):
+    """Blocks of dim 1: each part is a dense copy of a block of columns."""
+
+    kind = "cols"
+
+    def __init__(self, target: _Target) -> None:
+        super().__init__(target)
+        assert target.bounds is not None
+        self.bounds = [target.bounds[i] for i in self.trained]
+
+    def part_shapes(self) -> list[tuple[int, ...]]:
+        return [self.shape[:1] + (b - a,) + self.shape[2:] for a, b in self.bounds]
+
+    def _views(self, full: Tensor) -> list[Tensor]:
+        return [full.narrow(1, a, b - a) for a, b in self.bounds]
+
+    def pieces(self, full: Tensor) -> list[Tensor]:
+        return [v.contiguous() for v in self._views(full)]
+
+    def parts_from(self, weight: Tensor) -> list[Tensor]:
+        self._in = self._views(weight.detach())  # the weight's blocks, kept while it stays put
+        return super().parts_from(weight)
+
+    def load(self, weight: Tensor, parts: list[Tensor]) -> bool:
+        if _where(weight) != self._at:
             return False
-        linked = self.linked_of(parts)
-        ptr = linked[0].untyped_storage().data_ptr()
-        at = 0
-        for p, n, shape in zip(linked, self.linked_of(self.sizes),
-                               self.linked_of(self._shapes())):
-            if (p.untyped_storage().data_ptr() != ptr or p.storage_offset() != at
-                    or tuple(p.shape) != shape or not p.is_contiguous()):
-                return False
-            at += n
+        torch._foreach_copy_(parts, self._in)
         return True
 
-    def flat_base(self, parts: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
-        """The 1-D base of linked ``parts``, detached (it shares their version counter)."""
-        first = self.linked_of(parts)[0]
-        return first.detach().as_strided((sum(self.linked_of(self.sizes)),), (1,), 0)
+    def store(self, weight: Tensor, parts: list[Tensor]) -> None:
+        torch._foreach_copy_(self._in, parts)
 
-    # -- assembling ---------------------------------------------------------------------------
-
-    def merge(self, parts: tuple[Tensor, ...] | list[Tensor], index: Tensor | None) -> Tensor:
-        """The full tensor from per-part tensors (parts, their grads or optimizer state), with
-        plain differentiable ops into a fresh tensor. ``index``: ``inv`` for masks, ``perm`` for
-        ``sparse`` (see ``_assemble._index``)."""
-        if self.kind in ("mask", "sparse"):
-            assert index is not None
-            flat = torch.cat([p.reshape(-1) for p in self.linked_of(parts)])
-            index = _index_like(index, flat)
-            if self.kind == "sparse":
-                held = parts[self.held].reshape(-1)
-                return held.index_copy(0, index, flat).view(self.shape)
-            return flat.index_select(0, index).view(self.shape)
-        return torch.cat(list(parts), self.dim)
-
-    def relink(self, parts: list[Tensor]) -> None:
-        """Make ``parts`` views of one fresh base again (after ``module.to()`` and friends)."""
-        if not all(_has_storage(p) for p in parts) or self.linked(tuple(parts)):
-            return  # sharded (FSDP2 owns the storage of DTensor parts), or linked already
-        linked = self.linked_of(parts)
-        with torch.no_grad():
-            if self.held >= 0:
-                parts[self.held].data = parts[self.held].data.contiguous()
-            base = torch.cat([p.reshape(-1) for p in linked])
-        if self.kind == "rows":
-            base = base.view(self.shape)
-        for p, view in zip(linked, self.views(base)):
-            p.data = view
+    def write(self, full: Tensor, pieces: list[Tensor]) -> None:
+        torch._foreach_copy_(self._views(full), pieces)
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides = []
-    acc = 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= max(s, 1)
-    return tuple(reversed(strides))
+class _Mask(_Layout):
+    """Any set of elements: the trained elements, sorted by region, are gathered into one 1-D
+    base whose slices are the parts; ``perm`` holds their flat positions in the weight."""
 
+    kind = "mask"
 
-def _indices(perm: Tensor) -> tuple[Tensor, Tensor]:
-    """``perm`` (base position -> flat position) and its inverse, int32 where that fits."""
-    n = perm.numel()
-    inv = torch.empty(n, dtype=torch.long)
-    inv[perm.long()] = torch.arange(n)
-    dtype = torch.int32 if n < 2**31 else torch.long
-    return perm.to(dtype), inv.to(dtype)
+    def __init__(self, target: _Target) -> None:
+        super().__init__(target)
+        ids = target.region_ids
+        assert ids is not None
+        order = torch.argsort(ids, stable=True)
+        trained = torch.zeros(len(self.regions), dtype=torch.bool)
+        trained[self.trained] = True
+        self.perm = order[trained[ids[order].long()]]  # on the CPU; per device in _on
+        self._on: dict[torch.device, Tensor] = {}
+        self.sizes = [self.regions[i].numel for i in self.trained]
 
+    def part_shapes(self) -> list[tuple[int, ...]]:
+        return [(n,) for n in self.sizes]
 
-def _plan(target: _Target) -> tuple[_Layout, list[nn.Parameter], dict[str, Tensor]]:
-    """The layout of ``target``'s parameter, its parts and its index tensors (mask only).
+    def _perm(self, like: Tensor) -> Tensor:
+        perm = self._on.get(like.device)
+        if perm is None:
+            perm = self._on[like.device] = self.perm.to(like.device)
+        return perm
 
-    The parts hold a copy of the parameter's values; the parameter itself is not changed.
-    """
-    param = target.param
-    layout = _Layout(target.kind, tuple(param.shape), target.regions, param.requires_grad,
-                     target.dim, target.bounds)
-    layout.name, layout.digest = target.name, _digest(layout, target.region_ids)
-    if not layout.split:
-        return layout, [], {}
-    buffers: dict[str, Tensor] = {}
-    perm = None
-    if layout.kind in ("mask", "sparse"):
-        assert target.region_ids is not None
-        order = torch.argsort(target.region_ids, stable=True)
-        if layout.kind == "sparse":  # only the trained elements' positions (index_copy_: long)
-            perm, inv = order[target.region_ids[order] != layout.held], order
+    def pieces(self, full: Tensor) -> list[Tensor]:
+        flat = full.reshape(-1)
+        return list(flat.index_select(0, self._perm(flat)).split(self.sizes))
+
+    def parts_from(self, weight: Tensor) -> list[Tensor]:
+        pieces = super().parts_from(weight)
+        self._base = _base(pieces)  # the parts are slices of it
+        w = weight.detach()
+        self._flat = w.view(-1) if w.is_contiguous() else None
+        return pieces
+
+    def load(self, weight: Tensor, parts: list[Tensor]) -> bool:
+        if _where(weight) != self._at:
+            return False
+        flat = self._flat if self._flat is not None else weight.detach().reshape(-1)
+        torch.index_select(flat, 0, self._perm(flat), out=self._base)
+        return True
+
+    def store(self, weight: Tensor, parts: list[Tensor]) -> None:
+        if self._flat is not None:
+            self._flat.index_copy_(0, self._perm(self._flat), self._base)
         else:
-            perm, inv = _indices(order)
-        if param.device.type == "meta":
-            layout.perm_cpu = perm
-        buffers = {"perm": perm.to(param.device)}
-        if layout.kind == "mask":
-            buffers["inv"] = inv.to(param.device)
-        perm = buffers["perm"]
-    parts = [
-        nn.Parameter(view, requires_grad=param.requires_grad and region.options is not None)
-        for view, region in zip(layout.values(param, perm), layout.regions)
-    ]
-    return layout, parts, buffers
+            self.write(weight.detach(), [self._base])
+
+    def write(self, full: Tensor, pieces: list[Tensor]) -> None:
+        values = _base(pieces) if len(pieces) > 1 else pieces[0].reshape(-1)
+        if values is None:
+            values = torch.cat([p.reshape(-1) for p in pieces])
+        if full.is_contiguous():
+            full.view(-1).index_copy_(0, self._perm(full), values)
+        else:
+            flat = full.flatten()
+            flat.index_copy_(0, self._perm(full), values)
+            full.copy_(flat.view(full.shape))
 
 
-def _digest(layout: _Layout, region_ids: Tensor | None) -> str:
-    """A short fingerprint of where each element of the parameter lives among the parts."""
-    h = hashlib.sha1(repr((layout.kind, layout.shape, layout.dim, layout.bounds,
-                           layout.sizes)).encode())
-    if region_ids is not None:
-        h.update(region_ids.contiguous().numpy().tobytes())
+def _where(t: Tensor) -> tuple[object, ...]:
+    return t.data_ptr(), t.dtype, t.device, t.stride(), t.storage_offset()
+
+
+def _base(parts: list[Tensor]) -> Tensor | None:
+    """The 1-D tensor of which ``parts`` are consecutive dense slices, or ``None``."""
+    first = parts[0]
+    if not first.is_contiguous():
+        return None
+    total = 0
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for p in parts:
+        if (not p.is_contiguous() or p.untyped_storage().data_ptr() != storage
+                or p.storage_offset() != offset + total):
+            return None
+        total += p.numel()
+    return first.detach().as_strided((total,), (1,), offset)
+
+
+_KINDS: dict[str, type[_Layout]] = {"rows": _Rows, "cols": _Cols, "mask": _Mask, "sparse": _Mask}
+
+
+def _layout(target: _Target) -> _Layout:
+    return _KINDS[target.kind](target)
+
+
+def _digest(target: _Target) -> str:
+    """A short fingerprint of where each trained element of the parameter lives among the parts."""
+    regions: list[_Region] = target.regions
+    h = hashlib.sha1(repr((target.kind, tuple(target.param.shape), target.dim, target.bounds,
+                           [(r.numel, r.options is None) for r in regions])).encode())
+    if target.region_ids is not None:
+        h.update(target.region_ids.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

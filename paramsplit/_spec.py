@@ -323,14 +323,8 @@ def _as_blocks(key: str, name: str, param: nn.Parameter, flat: torch.Tensor,
 
 
 def _whole(key: str, name: str, param: nn.Parameter, region: _Region) -> _Target:
-    """A plan with one region. A trainable one needs no split, only its own group; a FROZEN one
-    becomes a single frozen part, so the tensor the forward reads still requires grad like the
-    original (some kernels choose their path by ``requires_grad``)."""
-    if region.options is not None:
-        return _Target(key, name, param, "whole", [region])
-    if param.dim() == 0:
-        return _Target(key, name, param, "mask", [region], region_ids=torch.zeros(1, dtype=torch.uint8))
-    return _Target(key, name, param, "rows", [region], bounds=[(0, param.shape[0])])
+    """A plan with one region: no split, only its own group (or none, when FROZEN)."""
+    return _Target(key, name, param, "whole", [region])
 
 
 def _check_mask(key: str, param: nn.Parameter, mask: Any, what: str) -> torch.Tensor:
@@ -428,6 +422,8 @@ def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks, why: 
     _check_count(key, len(regions), f"{which} blocks", "use fewer blocks", max_regions)
     if len(full) == 1:
         return _whole(key, name, param, regions[0])
+    if all(r.options is None for r in regions):  # every block FROZEN: the weight is frozen
+        return _whole(key, name, param, _Region("all", None, param.numel()))
     if param.numel() == 0:  # nothing to split: the blocks' options if they agree, else defaults
         agree = len({_options_key(r.options) for r in regions}) == 1
         return _whole(key, name, param, regions[0] if agree else _Region("all", {}, 0))

@@ -28,17 +28,36 @@ import paramsplit
 from paramsplit import FROZEN, Regions, rows
 
 
-def build(seed: int):
+#: the token embedding's rows below this are FROZEN (the "old vocabulary")
+FROZEN_ROWS = 90
+
+
+def gpt2(seed: int) -> transformers.GPT2LMHeadModel:
+    """A tiny GPT-2 (its ``lm_head`` tied to ``transformer.wte``), unsplit."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100,
                                      n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
                                      attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(config)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def spec(decays: tuple[float, float] = (0.0, 0.3)) -> dict:
+    """FROZEN old-vocabulary rows (rows layout, a tied weight) and a scattered mask over each
+    attention projection (mask layout) whose two regions get ``decays``; ``None`` for a region
+    leaves it on the optimizer's defaults."""
     mask = torch.rand(32, 96, generator=torch.Generator().manual_seed(5)) < 0.5
-    spec = {"transformer.wte": rows({(0, 90): FROZEN}),
-            "transformer.h.*.attn.c_attn": Regions(mask, {True: {"weight_decay": 0.0},
-                                                          False: {"weight_decay": 0.3}})}
-    return paramsplit.split(model, spec)
+    options = [{} if d is None else {"weight_decay": d} for d in decays]
+    return {"transformer.wte": rows({(0, FROZEN_ROWS): FROZEN}),
+            "transformer.h.*.attn.c_attn": Regions(mask, {True: options[0],
+                                                          False: options[1]})}
+
+
+def build(seed: int, decays: tuple[float, float] = (0.0, 0.3)):
+    """``paramsplit.split(gpt2(seed), spec(decays))``: (the model, its param groups)."""
+    model = gpt2(seed)
+    out = paramsplit.split(model, spec(decays))
+    assert out[0] is model
+    return out
 
 
 def data():

@@ -26,8 +26,8 @@ BENCH = ROOT / "benchmarks"
 
 ALL = {"baseline", "rows", "cols_floor", "cols", "forum", "mask_floor", "mask", "penalty", "hooks",
        "parametrize"}
-SPARSE = {"full_ft", "sparse_1", "sparse_mask_1", "hooks_1", "sparse_10", "sparse_mask_10",
-          "hooks_10"}
+SPARSE = {"full_ft", "sparse_1", "hooks_1", "sparse_10", "hooks_10"}
+MANY = {"baseline", "rows", "cols", "mask", "sparse_1", "penalty", "hooks"}
 
 def _have_shira() -> bool:
     """As benchmarks/_cases.have_peft: peft >= 0.17 (SHiRA) installed."""
@@ -39,10 +39,18 @@ def _have_shira() -> bool:
 
 
 HAVE_SHIRA = _have_shira()
-GROUPS = {"linear": ALL, "gpt2": ALL - {"forum"}, "generate": {"baseline", "mask_floor", "mask"},
-          "sparse": SPARSE | ({"shira"} if HAVE_SHIRA else set())}
+GROUPS = {"linear": ALL, "gpt2": ALL - {"forum"}, "generate": {"baseline", "mask"},
+          "sparse": SPARSE | ({"shira"} if HAVE_SHIRA else set()), "many": MANY}
+NEEDS_TRANSFORMERS = {"gpt2", "generate", "many"}
 REFERENCE = {"sparse": "full_ft"}  # the others: "baseline"
 FLOORS = {"rows": "baseline", "cols": "cols_floor", "forum": "cols_floor", "mask": "mask_floor"}
+#: per table, floors other than FLOORS: generate runs no optimizer step (the mask split's floor is
+#: the unsplit model); many is judged against the unsplit step by targets of its own
+KIND_FLOORS = {"generate": {"mask": "baseline"}, "many": {}}
+#: the layout paramsplit picks for each split variant, from paramsplit.describe
+LAYOUT = {"rows": "rows", "cols": "cols", "forum": "cols", "mask": "mask", "sparse_1": "sparse",
+          "sparse_10": "sparse"}
+MANY_TARGETS = {"rows": 1.02, "cols": 1.05, "mask": 1.05, "sparse_1": 1.05}
 
 
 def _positive(x: object) -> bool:
@@ -136,10 +144,11 @@ def test_step_quick_reports_every_variant_against_its_floor(gpu_check):
     results = report["results"]
     kinds = {r["model"] for r in results}
     skipped = " ".join(s["label"] for s in report["skipped"])
-    assert kinds | ({"gpt2", "generate"} if "GPT-2" in skipped else set()) == set(GROUPS)
+    assert kinds | (NEEDS_TRANSFORMERS if "GPT-2" in skipped else set()) == set(GROUPS)
     for kind in kinds:
         batches = {r["batch"] for r in results if r["model"] == kind}
         assert batches
+        floors = KIND_FLOORS.get(kind, FLOORS)
         for batch in batches:
             got = {r["variant"]: r for r in results if r["model"] == kind and r["batch"] == batch}
             assert set(got) == GROUPS[kind], (kind, batch)
@@ -151,8 +160,10 @@ def test_step_quick_reports_every_variant_against_its_floor(gpu_check):
                 for key in ("time_ratio", "time_ratio_min", "mem_ratio"):
                     assert _positive(r[key]), (where, key, r[key])
                 assert r["mem_bytes"] > 0 and r["build_mem_bytes"] is not None, where
-                assert r["floor"] == FLOORS.get(v), where
-                if v in FLOORS:
+                assert r["floor"] == floors.get(v), where
+                # every split records the layout paramsplit.describe gives its weights
+                assert r["layout"] == LAYOUT.get(v), where
+                if v in floors:
                     assert r["floor"] in got
                     for key in ("time_ratio_floor", "mem_ratio_floor"):
                         assert _positive(r[key]), (where, key, r[key])
@@ -160,7 +171,7 @@ def test_step_quick_reports_every_variant_against_its_floor(gpu_check):
                     assert isinstance(r["time_ok"], bool) and isinstance(r["mem_ok"], bool)
                 else:
                     assert r["time_ratio_floor"] is None and r["time_ok"] is None, where
-                if v == "rows":  # its floor is the unsplit step
+                if v == "rows" and r["floor"]:  # its floor is the unsplit step
                     assert r["time_ratio_floor"] == r["time_ratio"]
 
 
@@ -174,8 +185,7 @@ def test_step_quick_has_the_sparse_table(gpu_check):
         where = (r["batch"], r["variant"])
         assert r["reference"] == "full_ft" and r["floor"] is None, where
         assert 0 < r["trained"] <= 1, where
-        layout = {"sparse_1": "sparse", "sparse_10": "sparse", "sparse_mask_1": "mask",
-                  "sparse_mask_10": "mask"}.get(r["variant"])
+        layout = LAYOUT.get(r["variant"])
         assert r["layout"] == layout, where  # paramsplit chose the sparse layout by itself
         checks = {c["target"]: c for c in r["checks"]}
         if layout:
@@ -189,3 +199,68 @@ def test_step_quick_has_the_sparse_table(gpu_check):
     # the printed row of sparse_1 at batch 8 carries its targets' verdicts
     row = re.search(r"^ +8  sparse_1 .*$", gpu_check.output, re.MULTILINE)
     assert row and re.search(r"(OK|MISS) [\d.]+x \(target <= 0\.50x full_ft\)", row[0]), row
+
+
+def test_step_quick_has_the_many_table(gpu_check):
+    """48 small weights of a 12-layer GPT-2, one thread, every ratio over the unsplit step."""
+    pytest.importorskip("transformers")
+    report = json.loads((gpu_check.out / "step_cpu_quick.json").read_text())
+    (case,) = [c for c in report["cases"] if c["kind"] == "many"]
+    assert case["label"] == "many small weights, GPT-2 n_layer=12 n_embd=64 vocab=1000"
+    assert case["sizes"]["n_head"] == 4 and case["sizes"]["n_positions"] == 64
+    assert case["seq"] == {"2": 32}  # batch 2 x 32 tokens (JSON keys are strings)
+    assert case["n_split"] == 48 and case["threads"] == 1
+    assert f"== {case['label']} ==" in gpu_check.output
+    assert "split: 48 weights in transformer.h.*; torch threads 1" in gpu_check.output
+    results = {r["variant"]: r for r in report["results"] if r["model"] == "many"}
+    assert set(results) == MANY
+    for v, r in results.items():
+        assert r["batch"] == 2 and r["reference"] == "baseline" and r["floor"] is None, v
+        assert r["time_ratio_floor"] is None and r["time_ok"] is None, v
+        checks = {c["target"]: c for c in r["checks"]}
+        if v in LAYOUT:
+            assert checks.pop(f"layout {LAYOUT[v]}")["ok"] is True, v
+        if v in MANY_TARGETS:
+            check = checks.pop(f"<= {MANY_TARGETS[v]:.2f}x unsplit")
+            assert check["value"] == r["time_ratio"] and _positive(check["value"]), v
+            assert check["ok"] == (r["time_ratio"] <= MANY_TARGETS[v]), v
+        assert not checks, (v, checks)
+    assert results["sparse_1"]["trained"] == pytest.approx(0.01, abs=0.002)
+    # the printed rows carry their targets' verdicts
+    for v, x in MANY_TARGETS.items():
+        row = re.search(rf"^ +2  {v} .*$", gpu_check.output.split(f"== {case['label']} ==")[1],
+                        re.MULTILINE)
+        assert row and re.search(rf"(OK|MISS) [\d.]+x \(target <= {x:.2f}x unsplit\)", row[0]), v
+
+
+def test_floors_copy_values_and_gradient_in_and_values_back():
+    """The cols and mask floors: the trained elements' values and gradient into buffers before
+    the optimizer step, the values back into the weight after it (3 weight-sized copies)."""
+    torch = pytest.importorskip("torch")
+    floors = _load("_floors")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    mask = torch.rand(4, 6) < 0.5
+    for make, names in ((floors.cols_floor, ["weight"]), (floors.mask_floor, ["weight"])):
+        before, after = make(model, names, torch.device("cpu"), {"weight": mask})
+        w = model.weight
+        w.grad = torch.randn_like(w)
+        before()
+        if make is floors.cols_floor:
+            got_v = torch.cat(_cell(before, "values"), 1)
+            got_g = torch.cat(_cell(before, "grads"), 1)
+            assert torch.equal(got_v, w.detach()) and torch.equal(got_g, w.grad)
+        else:
+            perm = torch.argsort(mask.reshape(-1).to(torch.uint8), stable=True)
+            assert torch.equal(_cell(before, "values")[0], w.detach().reshape(-1)[perm])
+            assert torch.equal(_cell(before, "grads")[0], w.grad.reshape(-1)[perm])
+        saved = w.detach().clone()
+        with torch.no_grad():
+            w.add_(1.0)  # the optimizer's update ...
+        after()
+        assert torch.equal(w.detach(), saved)  # ... overwritten by the copy back (a cost model)
+
+
+def _cell(fn, name):
+    """The closure variable ``name`` of ``fn``."""
+    return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents

@@ -97,24 +97,6 @@ def _reference(steps: int = STEPS, seed: int = 0) -> dict[str, torch.Tensor]:
     return paramsplit.merged_state_dict(split_model)
 
 
-def _merged_from_parts(parts_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Merge a full state dict with the split model's keys (``0.weight__0``, ...): what FSDP2's
-    full state dict holds. (A sparse layout's FROZEN part holds stale values where the trained
-    parts are: only the layout can merge them, so this uses it.)"""
-    from paramsplit._assemble import _index, _layouts, _part_names
-
-    split_model, _ = _split(seed=1234)
-    out = {}
-    for prefix, module in split_model.named_modules():
-        prefix = f"{prefix}." if prefix else ""
-        for attr, layout in _layouts(module).items():
-            names = [prefix + n for n in _part_names(attr, layout)]
-            out[prefix + attr] = layout.merge([parts_state.pop(n) for n in names],
-                                              _index(module, attr, layout, "inv"))
-    assert set(parts_state) | set(out) == set(split_model.state_dict())
-    return {**parts_state, **out}
-
-
 def _assert_close_dicts(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor],
                         atol: float = ATOL) -> None:
     assert got.keys() == want.keys()
@@ -295,15 +277,31 @@ def _load(out: Path, name: str) -> list[Any]:
 
 # -- DDP ----------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, out: Path, gradient_as_bucket_view: bool) -> None:
+def _ddp_worker(rank: int, out: Path, **ddp_kwargs: Any) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     split_model, groups = _split()
-    ddp = DDP(split_model, gradient_as_bucket_view=gradient_as_bucket_view)
+    micro = ddp_kwargs.pop("micro_batches", 1)
+    amp = ddp_kwargs.pop("grad_scaler", False)
+    ddp = DDP(split_model, **ddp_kwargs)
     opt = torch.optim.AdamW(groups, lr=LR)  # DDP keeps the Parameter objects: groups stay valid
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if amp else None
     x, y = _batch()
+    xs, ys = _half(x, rank).chunk(micro), _half(y, rank).chunk(micro)
     for _ in range(STEPS):
-        _step(ddp, opt, _half(x, rank), _half(y, rank))
+        for i, (xm, ym) in enumerate(zip(xs, ys)):
+            last = i == micro - 1
+            with ddp.no_sync() if not last else torch.enable_grad():
+                loss = nn.functional.mse_loss(ddp(xm), ym) / micro
+                (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1e3)  # large: only the path
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad()
     torch.save(paramsplit.merged_state_dict(ddp.module), out / f"ddp{rank}.pt")
 
 
@@ -315,8 +313,27 @@ def _ddp_worker_bucket_view(rank: int, out: Path) -> None:
     _ddp_worker(rank, out, gradient_as_bucket_view=True)
 
 
-@pytest.mark.parametrize("worker", [_ddp_worker_plain, _ddp_worker_bucket_view],
-                         ids=["grad-copy", "gradient_as_bucket_view"])
+def _ddp_worker_no_sync(rank: int, out: Path) -> None:
+    _ddp_worker(rank, out, micro_batches=2)
+
+
+def _ddp_worker_static_graph(rank: int, out: Path) -> None:
+    _ddp_worker(rank, out, static_graph=True)
+
+
+def _ddp_worker_find_unused(rank: int, out: Path) -> None:
+    _ddp_worker(rank, out, find_unused_parameters=True)
+
+
+def _ddp_worker_grad_scaler(rank: int, out: Path) -> None:
+    _ddp_worker(rank, out, grad_scaler=True)
+
+
+@pytest.mark.parametrize("worker", [_ddp_worker_plain, _ddp_worker_bucket_view,
+                                    _ddp_worker_no_sync, _ddp_worker_static_graph,
+                                    _ddp_worker_find_unused, _ddp_worker_grad_scaler],
+                         ids=["grad-copy", "gradient_as_bucket_view", "no_sync-accumulation",
+                              "static_graph", "find_unused_parameters", "grad-scaler-clip"])
 def test_ddp_matches_single_process(dist_run: _Run, worker: Worker) -> None:
     merged = _load(dist_run.outputs(worker), "ddp")
     want = _reference()
@@ -330,36 +347,31 @@ def test_ddp_matches_single_process(dist_run: _Run, worker: Worker) -> None:
 # -- FSDP2 --------------------------------------------------------------------------------------
 
 def _fsdp_split(seed: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """A split model sharded per layer then at the root, and AdamW groups for its DTensors.
+    """A split model sharded per layer then at the root, and AdamW groups for it.
 
     ``fully_shard`` replaces every parameter by a new DTensor Parameter, so the groups
-    ``paramsplit.split`` returned point to the old objects. Rebuilding them by parameter name
-    works with any paramsplit version; ``paramsplit.param_groups(split_model)`` must agree.
+    ``paramsplit.split`` returned point to the old objects: ``param_groups`` after sharding
+    gives the new ones, with the same parts (now cut from this rank's shard).
     """
     from torch.distributed.fsdp import fully_shard
-
-    split_model, groups = _split(seed)
-    name_of = {id(p): n for n, p in split_model.named_parameters()}
-    by_name = [{**{k: v for k, v in g.items() if k != "params"},
-                "params": [name_of[id(p)] for p in g["params"]]} for g in groups]
-    for layer in (split_model[0], split_model[2]):
-        fully_shard(layer)
-    fully_shard(split_model)
-    params = dict(split_model.named_parameters())
-    new_groups = [{**g, "params": [params[n] for n in g["params"]]} for g in by_name]
-
     from torch.distributed.tensor import DTensor
+
+    model, _ = _split(seed)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    params = dict(model.named_parameters())
     assert all(isinstance(p, DTensor) for p in params.values())
-    in_groups = [n for g in by_name for n in g["params"]]
-    assert sorted(in_groups) == sorted(n for n, p in params.items() if p.requires_grad)
-    assert not params["2.weight__1"].requires_grad  # the FROZEN region stays frozen
-    helper = paramsplit.param_groups(split_model)
-    assert [{**g, "params": [id(p) for p in g["params"]]} for g in helper] == \
-        [{**g, "params": [id(p) for p in g["params"]]} for g in new_groups]
-    return split_model, new_groups
+    groups = paramsplit.param_groups(model)
+    held = {id(p) for g in groups for p in g["params"]}
+    assert all(id(p) in held for p in params.values())  # every weight, the carriers included
+    for g in groups:  # parts (plain tensors) and DTensors never share a group (foreach)
+        assert len({isinstance(p, DTensor) for p in g["params"]}) == 1, g["name"]
+        assert g["name"].endswith("(shards)") == (not isinstance(g["params"][0], DTensor))
+    return model, groups
 
 
-def _full_parts_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
@@ -372,7 +384,7 @@ def _fsdp_train(rank: int, out: Path, model: nn.Module, groups: list[dict[str, A
     x, y = _batch()
     for _ in range(STEPS):
         _step(model, opt, _half(x, rank), _half(y, rank))
-    torch.save(_full_parts_state(model), out / f"fsdp{rank}.pt")
+    torch.save(_full_state(model), out / f"fsdp{rank}.pt")
 
 
 def _fsdp_train_worker(rank: int, out: Path) -> None:
@@ -380,14 +392,14 @@ def _fsdp_train_worker(rank: int, out: Path) -> None:
 
 
 def _fsdp_to_worker(rank: int, out: Path) -> None:
-    """``model.to(...)`` after ``fully_shard`` leaves the sharded parts alone."""
+    """``model.to(...)`` after ``fully_shard`` changes nothing paramsplit relies on."""
     model, groups = _fsdp_split()
-    model.to(torch.float32)  # a no-op cast, but it runs the split owners' _apply (relink)
+    model.to(torch.float32)
     _fsdp_train(rank, out, model, groups)
 
 
 def _fsdp_load_merged_worker(rank: int, out: Path) -> None:
-    """An original-format (unsplit) checkpoint loads into a sharded split model."""
+    """An original-format checkpoint loads into a sharded split model."""
     model, groups = _fsdp_split(seed=3)
     paramsplit.load_merged_state_dict(model, _model(seed=7).state_dict())
     _fsdp_train(rank, out, model, groups)
@@ -401,45 +413,42 @@ def test_fsdp2_matches_single_process(dist_run: _Run, worker: Worker, seed: int)
     out = dist_run.outputs(worker)
     want = _reference(seed=seed)
     for state in _load(out, "fsdp"):
-        merged = _merged_from_parts(state)
-        _assert_close_dicts(merged, want)
-        _assert_frozen_unchanged(merged, seed)
+        _assert_close_dicts(state, want)
+        _assert_frozen_unchanged(state, seed)
 
 
 def _fsdp_checkpoint_worker(rank: int, out: Path) -> None:
+    """The README's recipe: the model through ``torch.distributed.checkpoint`` (the model's
+    own DTensors), the optimizer (whose parts are this rank's plain tensors, which DCP's
+    ``get_optimizer_state_dict`` cannot name) as one ``optimizer.state_dict()`` per rank."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     x, y = _batch()
     xs, ys = _half(x, rank), _half(y, rank)
+    ckpt = out / "ckpt"
 
-    # run A: step 1, save a sharded checkpoint, steps 2..STEPS
+    # run A: step 1, save, steps 2..STEPS
     model, groups = _fsdp_split()
     opt = torch.optim.AdamW(groups, lr=LR)
     _step(model, opt, xs, ys)
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=str(out / "ckpt"))
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(ckpt))
+    torch.save(opt.state_dict(), ckpt / f"optim.rank{rank}.pt")
     for _ in range(STEPS - 1):
         _step(model, opt, xs, ys)
-    uninterrupted = _full_parts_state(model)
+    uninterrupted = _full_state(model)
 
     # run B: a fresh sharded split model (other initial weights) loads the checkpoint, continues
     fresh, fresh_groups = _fsdp_split(seed=99)
     fresh_opt = torch.optim.AdamW(fresh_groups, lr=LR)
-    state = {"model": get_model_state_dict(fresh),
-             "optim": get_optimizer_state_dict(fresh, fresh_opt)}
-    dcp.load(state, checkpoint_id=str(out / "ckpt"))
+    state = {"model": get_model_state_dict(fresh)}
+    dcp.load(state, checkpoint_id=str(ckpt))
     set_model_state_dict(fresh, state["model"])
-    set_optimizer_state_dict(fresh, fresh_opt, state["optim"])
-    after_load = _full_parts_state(fresh)
+    fresh_opt.load_state_dict(torch.load(ckpt / f"optim.rank{rank}.pt", weights_only=True))
+    after_load = _full_state(fresh)
     for _ in range(STEPS - 1):
         _step(fresh, fresh_opt, xs, ys)
-    resumed = _full_parts_state(fresh)
+    resumed = _full_state(fresh)
     torch.save({"uninterrupted": uninterrupted, "after_load": after_load, "resumed": resumed},
                out / f"ckpt{rank}.pt")
 
@@ -450,45 +459,11 @@ def test_fsdp2_sharded_checkpoint_save_load(dist_run: _Run) -> None:
     want = _reference()
     after_one_step = _reference(steps=1)
     for result in _load(out, "ckpt"):
-        _assert_close_dicts(_merged_from_parts(result["after_load"]), after_one_step)
+        _assert_close_dicts(result["after_load"], after_one_step)
         for key, value in result["uninterrupted"].items():  # resuming changes nothing at all
             assert torch.equal(result["resumed"][key], value), key
-        merged = _merged_from_parts(result["resumed"])
-        _assert_close_dicts(merged, want)
-        _assert_frozen_unchanged(merged)
-
-
-def _fsdp_merged_worker(rank: int, out: Path) -> None:
-    """What paramsplit itself gives on a sharded model: the property and merged_state_dict."""
-    from torch.distributed.tensor import DTensor
-
-    def full(t: torch.Tensor) -> torch.Tensor:
-        return (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
-
-    model, groups = _fsdp_split()
-    opt = torch.optim.AdamW(groups, lr=LR)
-    x, y = _batch()
-    for _ in range(STEPS):
-        _step(model, opt, _half(x, rank), _half(y, rank))
-    weights = {f"{i}.weight": full(model[i].weight) for i in (0, 2)}  # outside forward: sharded
-    merged = {k: full(v) for k, v in paramsplit.merged_state_dict(model).items()}
-    torch.save({"weights": weights, "merged": merged}, out / f"merged{rank}.pt")
-
-
-@_scenario(_fsdp_merged_worker)
-def test_fsdp2_merged_state_dict_of_sharded_model(dist_run: _Run) -> None:
-    """``model.<attr>`` and ``merged_state_dict`` work on a fully_shard-ed split model.
-
-    Outside forward the parts are sharded DTensors; the assembled tensor is a DTensor whose
-    full tensor is the original-layout weight.
-    """
-    out = dist_run.outputs(_fsdp_merged_worker)
-    want = _reference()
-    for result in _load(out, "merged"):
-        _assert_close_dicts(result["merged"], want)
-        _assert_frozen_unchanged(result["merged"])
-        for key, value in result["weights"].items():
-            assert torch.equal(value, result["merged"][key]), key
+        _assert_close_dicts(result["resumed"], want)
+        _assert_frozen_unchanged(result["resumed"])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,9 @@
 """A split model in the tools people train with: Trainer, accelerate, safetensors, PEFT.
 
-Every test uses the real library; the oracle is the run or the model without the round trip.
+``paramsplit.split`` leaves the model as it is, so these tools see a plain model; only the
+optimizer they are given must be built from paramsplit's groups. Every test uses the real
+library; the oracle is the run without paramsplit (its FROZEN elements put back after each
+step), or the model without the round trip.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from paramsplit import FROZEN, Regions, rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _trainer_run  # noqa: E402
+
 
 def _equal_state(a: dict, b: dict) -> None:
     assert list(a) == list(b)
@@ -49,31 +53,40 @@ def test_trainer_resume_in_a_new_process_is_bitwise(background_result: Path):
     first = torch.load(tmp_path / "final-first.pt", weights_only=True)
     resumed = torch.load(tmp_path / "final-resume.pt", weights_only=True)
     _equal_state(first, resumed)
-    init = _trainer_run.build(0)[0].state_dict()["transformer.wte.weight"]
-    other_init = _trainer_run.build(123)[0].state_dict()["transformer.wte.weight"]
-    assert torch.equal(resumed["transformer.wte.weight"][:90], init[:90])  # FROZEN rows
-    assert not torch.equal(init[:90], other_init[:90])
-    assert not torch.equal(resumed["transformer.wte.weight"][90:], init[90:])
+    rows_ = _trainer_run.FROZEN_ROWS
+    init = _trainer_run.gpt2(0).state_dict()["transformer.wte.weight"]
+    other_init = _trainer_run.gpt2(123).state_dict()["transformer.wte.weight"]
+    assert torch.equal(resumed["transformer.wte.weight"][:rows_], init[:rows_])  # FROZEN rows
+    assert not torch.equal(init[:rows_], other_init[:rows_])
+    assert not torch.equal(resumed["transformer.wte.weight"][rows_:], init[rows_:])
+    # the checkpoint is a plain GPT-2 checkpoint: it loads with nothing missing or unexpected
+    plain, info = transformers.GPT2LMHeadModel.from_pretrained(
+        tmp_path / "checkpoint-3", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert torch.equal(plain.transformer.wte.weight[:rows_], init[:rows_])
+    assert plain.lm_head.weight is plain.transformer.wte.weight
 
 
-def _trainer(model, out, **kwargs):
+def _trainer(model, out, max_steps=2, logging_steps=100, **kwargs):
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-        report_to=[], use_cpu=True, logging_steps=100, save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, seed=0)
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
+        learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=logging_steps,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=0, data_seed=0)
     return transformers.Trainer(model=model, args=args, train_dataset=_trainer_run.data(),
                                 **kwargs)
 
 
 def test_trainer_default_optimizer_warns_and_the_two_documented_ways_do_not(tmp_path):
     model, groups = _trainer_run.build(0)
-    with pytest.warns(UserWarning, match=r"transformer\.h\.0\.attn\.c_attn\.weight__0 \(region False: weight_decay=0\.3\)"):
+    with pytest.warns(UserWarning, match=r"'transformer\.h\.0\.attn\.c_attn\.weight'"
+                                         r"[\s\S]*not built from paramsplit's groups"):
         _trainer(model, tmp_path).train()
-    for kwargs in ({"optimizers": (torch.optim.AdamW(groups, lr=1e-2), None)},
-                   {"optimizer_cls_and_kwargs": (torch.optim.AdamW,
-                                                 {"params": groups, "lr": 1e-2})}):
+    init = _trainer_run.gpt2(0).transformer.wte.weight.detach()
+    rows_ = _trainer_run.FROZEN_ROWS
+    assert not torch.equal(model.transformer.wte.weight[:rows_], init[:rows_])  # what it warns
+    for way in ("optimizers", "optimizer_cls_and_kwargs"):
         model, groups = _trainer_run.build(0)
-        if "optimizers" in kwargs:
+        if way == "optimizers":
             kwargs = {"optimizers": (torch.optim.AdamW(groups, lr=1e-2), None)}
         else:
             kwargs = {"optimizer_cls_and_kwargs": (torch.optim.AdamW,
@@ -83,7 +96,44 @@ def test_trainer_default_optimizer_warns_and_the_two_documented_ways_do_not(tmp_
             trainer = _trainer(model, tmp_path, **kwargs)
             trainer.train()
         decays = {g["name"]: g["weight_decay"] for g in trainer.optimizer.param_groups}
-        assert decays["weight_decay=0.3"] == 0.3 and decays["weight_decay=0.0"] == 0.0
+        assert decays["weight_decay=0.3"] == 0.3 and decays["weight_decay=0.0"] == 0.0, way
+        assert torch.equal(model.transformer.wte.weight[:rows_], init[:rows_]), way
+        assert not torch.equal(model.transformer.wte.weight[rows_:], init[rows_:]), way
+
+
+class _PutBack(transformers.TrainerCallback):
+    """The oracle's FROZEN rows: put back after each optimizer step (before the next forward)."""
+
+    def __init__(self, weight: torch.Tensor, rows_: int) -> None:
+        self.weight, self.rows = weight, rows_
+        self.before = weight.detach()[:rows_].clone()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            self.weight[:self.rows] = self.before
+
+
+def test_trainer_logged_grad_norm_and_loss_equal_the_unsplit_run(tmp_path):
+    """Between steps the gradient is the unsplit one (FROZEN rows included), so the norm Trainer
+    clips by and logs is the unsplit run's, step after step. Both regions of the mask keep the
+    optimizer's defaults, so the unsplit run (FROZEN rows put back) is the oracle."""
+    model, groups = _trainer_run.build(0, decays=(0.0, None))
+    plain = _trainer_run.gpt2(0)
+    logs = []
+    for m, opt, callbacks in (
+            (model, torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.0), []),
+            (plain, torch.optim.AdamW(plain.parameters(), lr=1e-2, weight_decay=0.0),
+             [_PutBack(plain.transformer.wte.weight, _trainer_run.FROZEN_ROWS)])):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="paramsplit")
+            trainer = _trainer(m, tmp_path, max_steps=4, logging_steps=1,
+                               optimizers=(opt, None), callbacks=callbacks)
+            trainer.train()
+        logs.append([(e["grad_norm"], e["loss"]) for e in trainer.state.log_history
+                     if "grad_norm" in e])
+    assert len(logs[0]) == 4
+    assert logs[0] == logs[1]
+    _equal_state(model.state_dict(), plain.state_dict())
 
 
 def test_trainer_save_model_round_trips(tmp_path):
@@ -104,10 +154,28 @@ def _small(seed=0):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 30))
     mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(3)) < 0.5
-    spec = {"0": rows({(0, 20): FROZEN}), "1": Regions(mask, {True: {"weight_decay": 0.0},
-                                                             False: {"weight_decay": 0.2}}),
+    spec = {"0": rows({(0, 20): FROZEN}),
+            "1": Regions(mask, {True: {"weight_decay": 0.0}, False: {"weight_decay": 0.2}}),
+            "1.bias": Regions(torch.arange(8) % 2 == 0, {True: {"lr": 0.5}, False: {}}),
             "3": paramsplit.cols({(0, 4): {"lr": 0.5}})}
-    return paramsplit.split(model, spec)
+    out = paramsplit.split(model, spec)
+    assert {line.split()[-1] for line in paramsplit.describe(model).splitlines()[1:]} == \
+        {"rows", "mask", "cols"}
+    return out
+
+
+def _small_sparse(seed=0):
+    """``_small`` with the Linear split by a mostly FROZEN mask (the sparse layout)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 30))
+    sparse = torch.rand(8, 8, generator=torch.Generator().manual_seed(4)) < 0.2
+    out = paramsplit.split(model, {"1": Regions(sparse, {True: {"weight_decay": 0.3},
+                                                         False: FROZEN})})
+    assert "sparse" in paramsplit.describe(model)
+    return out
+
+
+SMALL = {"rows-mask-cols": _small, "sparse": _small_sparse}
 
 
 def _train(model, opt, steps=2, seed=0):
@@ -119,76 +187,125 @@ def _train(model, opt, steps=2, seed=0):
         opt.step()
 
 
-def test_safetensors_save_model_and_load_model_round_trip(tmp_path):
+@pytest.mark.parametrize("make", list(SMALL))
+def test_safetensors_save_model_and_load_model_round_trip(tmp_path, make):
     from safetensors.torch import load_file, load_model, save_model
 
-    model, groups = _small()
+    model, groups = SMALL[make]()
     _train(model, torch.optim.AdamW(groups, lr=1e-2))
     save_model(model, str(tmp_path / "m.safetensors"))
     assert set(load_file(str(tmp_path / "m.safetensors"))) == set(model.state_dict())
-    fresh, _ = _small(seed=3)
+    fresh, _ = SMALL[make](seed=3)
     missing, unexpected = load_model(fresh, str(tmp_path / "m.safetensors"))
     assert not missing and not unexpected
     _equal_state(fresh.state_dict(), model.state_dict())
+    plain = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 30))
+    missing, unexpected = load_model(plain, str(tmp_path / "m.safetensors"))  # plain format
+    assert not missing and not unexpected
+    _equal_state(plain.state_dict(), model.state_dict())
 
 
-def test_accelerate_save_state_and_load_state_round_trip(tmp_path):
+@pytest.mark.parametrize("make", list(SMALL))
+def test_accelerate_save_state_and_load_state_round_trip(tmp_path, make):
     from accelerate import Accelerator
 
-    model, groups = _small()
+    model, groups = SMALL[make]()
     acc = Accelerator(cpu=True)
     model, opt = acc.prepare(model, torch.optim.AdamW(groups, lr=1e-2))
     _train(model, opt)
     acc.save_state(str(tmp_path / "state"))
-    reference = copy.deepcopy(model)
-    ref_opt = torch.optim.AdamW(paramsplit.param_groups(reference), lr=1e-2)
-    ref_opt.load_state_dict(opt.state_dict())
+    # the oracle: the same split continuing from the same weights and optimizer state
+    reference, ref_groups = SMALL[make](seed=5)
+    reference.load_state_dict(model.state_dict())
+    ref_opt = torch.optim.AdamW(ref_groups, lr=1e-2)
+    ref_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
 
-    fresh, fresh_groups = _small(seed=9)
+    fresh, fresh_groups = SMALL[make](seed=9)
     acc = Accelerator(cpu=True)  # a new run
     fresh, fresh_opt = acc.prepare(fresh, torch.optim.AdamW(fresh_groups, lr=1e-2))
     acc.load_state(str(tmp_path / "state"))
     _equal_state(fresh.state_dict(), model.state_dict())
-    _train(fresh, fresh_opt, seed=4)
-    _train(reference, ref_opt, seed=4)
-    _equal_state(fresh.state_dict(), reference.state_dict())
-
-
-def test_peft_lora_on_a_split_model_keeps_frozen_regions_and_options():
-    peft = pytest.importorskip("peft")
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(30, 8)
-            self.proj = nn.Linear(8, 8)
-            self.head = nn.Linear(8, 30)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.proj(self.emb(x))))
-
-    torch.manual_seed(0)
-    base = Net()
-    # new tokens 20..29 train with their own decay, old ones are FROZEN; LoRA adapts `proj`
-    split_model, _ = paramsplit.split(base, {"emb": rows({(0, 20): FROZEN,
-                                                         (20, None): {"weight_decay": 0.5}})})
-    config = peft.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["emb"])
-    model = peft.get_peft_model(split_model, config)
-    groups = paramsplit.param_groups(model)
-    names = {id(p): n for n, p in model.named_parameters()}
-    by_group = {g["name"]: [names[id(p)] for p in g["params"]] for g in groups}
-    assert any("emb" in n and "weight__1" in n for n in by_group["weight_decay=0.5"])
-    assert all("lora_" in n for n in by_group["default"])
-    emb = model.base_model.model.emb.modules_to_save["default"]
-    before = emb.weight.detach().clone()
-    proj_before = model.base_model.model.proj.base_layer.weight.detach().clone()
-    opt = torch.optim.AdamW(groups, lr=1e-2)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="paramsplit")
-        _train(model, opt, steps=3)
-    after = emb.weight.detach()
-    assert torch.equal(after[:20], before[:20])  # FROZEN rows stay frozen
-    assert not torch.equal(after[20:], before[20:])
-    assert torch.equal(model.base_model.model.proj.base_layer.weight, proj_before)
-    assert not any(p.requires_grad and "__0" in n for n, p in model.named_parameters()
-                   if "emb" in n)
+        _train(fresh, fresh_opt, seed=4)
+        _train(reference, ref_opt, seed=4)
+    _equal_state(fresh.state_dict(), reference.state_dict())
+    frozen = {"rows-mask-cols": ("0.weight", (slice(0, 20),)), "sparse": None}[make]
+    if frozen is not None:
+        name, where = frozen
+        assert torch.equal(fresh.state_dict()[name][where],
+                           SMALL[make]()[0].state_dict()[name][where])
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 30)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.proj(self.emb(x))))
+
+
+COPY = "base_model.model.emb.modules_to_save.default"
+
+
+@pytest.mark.parametrize("key", ["*.modules_to_save.default", COPY, COPY + ".weight"])
+def test_peft_lora_then_split_the_trainable_copy(key):
+    """The recipe: wrap with PEFT first, then split the PEFT model, naming the trainable copy
+    PEFT made of ``emb`` (``modules_to_save``). New tokens 20..29 train with their own decay, the
+    old ones are FROZEN; LoRA adapts ``proj``. Oracle: the same PEFT model trained by a plain
+    AdamW, the copy's FROZEN rows put back after each step."""
+    peft = pytest.importorskip("peft")
+
+    def wrapped():
+        torch.manual_seed(0)
+        config = peft.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["emb"])
+        return peft.get_peft_model(_Net(), config)
+
+    model, ref = wrapped(), wrapped()
+    plan = rows({(0, 20): FROZEN, (20, None): {"weight_decay": 0.5}})
+    split_model, groups = paramsplit.split(model, {key: plan})
+    assert split_model is model
+    assert f"{COPY}.weight" in paramsplit.describe(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    held = {g["name"]: [names.get(id(p), "a part") for p in g["params"]] for g in groups}
+    assert held["weight_decay=0.5"] == ["a part", f"{COPY}.weight"]
+    assert held["default"] and all("lora_" in n for n in held["default"])
+
+    ref_copy = ref.base_model.model.emb.modules_to_save["default"].weight
+    ref_opt = torch.optim.AdamW(
+        [{"params": [p for n, p in ref.named_parameters() if "lora_" in n]},
+         {"params": [ref_copy], "weight_decay": 0.5}], lr=1e-2)
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="paramsplit")
+        for _ in range(3):
+            x = torch.randint(0, 30, (4, 5), generator=g)
+            for m, o in ((model, opt), (ref, ref_opt)):
+                o.zero_grad()
+                m(x).logsumexp(-1).mean().backward()
+            frozen_rows = ref_copy.detach()[:20].clone()
+            opt.step()
+            ref_opt.step()
+            with torch.no_grad():
+                ref_copy[:20] = frozen_rows
+            for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+                assert torch.equal(p, q), n
+    after = dict(model.named_parameters())
+    trained = after[f"{COPY}.weight"].detach()
+    assert torch.equal(trained[:20], before[f"{COPY}.weight"][:20])  # FROZEN rows unchanged
+    assert (trained[20:] != before[f"{COPY}.weight"][20:]).all()  # trained rows changed
+    lora = [n for n in after if "lora_" in n]
+    assert lora and all(not torch.equal(after[n], before[n]) for n in lora)  # LoRA trains
+    for n, p in after.items():
+        if not p.requires_grad:  # the base weights, the original emb, the head: untouched
+            assert torch.equal(p, before[n]), n
+    assert torch.equal(after["base_model.model.emb.original_module.weight"],
+                       before["base_model.model.emb.original_module.weight"])
+    # the adapter saves in PEFT's own format, the copy's trained values included
+    state = peft.get_peft_model_state_dict(model)
+    assert torch.equal(state["base_model.model.emb.weight"], trained)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -66,21 +64,36 @@ CASES = [
 ]
 
 
+def _snapshot(model):
+    """What a failed split must leave as it was: parameters (objects, names, values,
+    requires_grad), classes, and the plans paramsplit holds for them."""
+    return ([type(m) for m in model.modules()],
+            [(n, p, p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()],
+            paramsplit.describe(model))
+
+
+def _assert_unchanged(model, snapshot):
+    classes, params, table = snapshot
+    assert [type(m) for m in model.modules()] == classes
+    now = list(model.named_parameters())
+    assert [n for n, _ in now] == [n for n, *_ in params]
+    for (name, p), (_, q, value, requires_grad) in zip(now, params):
+        assert p is q and torch.equal(p, value) and p.requires_grad == requires_grad, name
+    assert paramsplit.describe(model) == table
+
+
 @pytest.mark.parametrize("spec,key,words", CASES, ids=[c[1] + ":" + c[2][0] for c in CASES])
 def test_bad_spec_names_its_key_and_changes_nothing(spec, key, words):
     model = _model()
-    before = copy.deepcopy(model.state_dict())
-    classes = [type(m) for m in model.modules()]
+    snapshot = _snapshot(model)
     with pytest.raises(SpecError) as info:
         paramsplit.split(model, spec)
     message = str(info.value)
     assert message.startswith(f"spec[{key!r}]: "), message
     for word in words:
         assert word in message, (word, message)
-    assert [type(m) for m in model.modules()] == classes
-    assert model.state_dict().keys() == before.keys()
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k])
+    _assert_unchanged(model, snapshot)
+    assert paramsplit.describe(model).splitlines()[1:] == []  # nothing planned
 
 
 def test_spec_error_is_a_value_error_and_a_type_error():
@@ -106,13 +119,12 @@ def test_callable_spec_that_raises_names_the_parameter():
         return None
 
     model = _model()
-    before = copy.deepcopy(model.state_dict())
+    snapshot = _snapshot(model)
     with pytest.raises(SpecError, match=r"^spec\['2.bias'\]: spec\(name, param\) raised KeyError: "
                                         r"'no rule for biases'$") as info:
         paramsplit.split(model, spec)
     assert isinstance(info.value.__cause__, KeyError)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k])
+    _assert_unchanged(model, snapshot)
 
 
 def test_tied_parameter_named_twice():
@@ -124,10 +136,46 @@ def test_tied_parameter_named_twice():
         paramsplit.split(model, {"0": {}, "3": {}})
 
 
-def test_splitting_a_split_model_asks_for_merge_first():
-    split_model, _ = paramsplit.split(_model(), {"0": rows({(0, 1): FROZEN})})
-    with pytest.raises(SpecError, match=r"already split; split paramsplit.merge\(model\)"):
-        paramsplit.split(split_model, {"2": cols({(0, 1): FROZEN})})
-    again, _ = paramsplit.split(paramsplit.merge(split_model), {"2": cols({(0, 1): FROZEN})})
+def test_a_bad_spec_leaves_an_earlier_split_in_place():
+    model = _model()
+    _, groups = paramsplit.split(model, {"0": rows({(0, 1): FROZEN}), "2.bias": FROZEN})
+    snapshot = _snapshot(model)
+    with pytest.raises(SpecError, match=r"^spec\['0'\]: rows block \(2, 5\)"):
+        paramsplit.split(model, {"2": cols({(0, 1): FROZEN}), "0": rows({(2, 5): {}})})
+    _assert_unchanged(model, snapshot)
+    # the optimizer of the first split still trains as that split said
+    before = model[0].weight.detach().clone()
+    opt = torch.optim.SGD(groups, lr=0.1, weight_decay=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert torch.equal(model[0].weight[0], before[0])
+    assert (model[0].weight[1:] != before[1:]).all()
+
+
+def test_splitting_a_split_model_again_replaces_the_plan():
+    """Allowed since 0.3: the named parameters get the new plan; the others keep theirs."""
+    model = _model()
+    split_model, _ = paramsplit.split(model, {"0": rows({(0, 1): FROZEN}), "2": {"lr": 0.5}})
+    again, groups = paramsplit.split(split_model, {"0": cols({(0, 1): FROZEN})})
+    assert again is model
+    table = [line.split() for line in paramsplit.describe(model).splitlines()[1:]]
+    assert table == [["0.weight", "cols", "0:1", "3", "FROZEN", "cols"],
+                     ["0.weight", "cols", "1:4", "9", "defaults", "cols"],
+                     ["2.weight", "all", "6", "lr=0.5", "whole"]]
+    assert [g["name"] for g in groups] == ["default", "lr=0.5"]
+    before = model[0].weight.detach().clone()
     x = torch.randn(2, 4)
-    assert torch.equal(again(x), split_model(x))
+    opt = torch.optim.SGD(groups, lr=0.1, weight_decay=0.1)  # decay: every trained element moves
+    model(x).square().sum().backward()
+    opt.step()
+    after = model[0].weight.detach()
+    assert torch.equal(after[:, 0], before[:, 0])  # the new plan's FROZEN column
+    assert (after[:, 1:] != before[:, 1:]).all()  # row 0 (FROZEN before) trains now
+    # a whole FROZEN plan replaced by a trained one: split set requires_grad=False, and options
+    # for a parameter without grad are refused, so it is turned back on by hand first
+    _, groups = paramsplit.split(model, {"2.bias": FROZEN})
+    assert not model[2].bias.requires_grad
+    assert not any(p is model[2].bias for g in groups for p in g["params"])
+    model[2].bias.requires_grad_(True)
+    _, groups = paramsplit.split(model, {"2.bias": {"weight_decay": 0.0}})
+    assert any(p is model[2].bias for g in groups for p in g["params"])

@@ -1,9 +1,11 @@
-"""A split model through a training run: checkpoints, optimizer state, merge, compile, dtypes."""
+"""A split model through a training run: checkpoints, optimizer state, merge, ties, compile,
+dtypes."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -30,6 +32,11 @@ def _model(seed=0):
     return nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 5))
 
 
+def _parts(weight):
+    """The optimizer's parts of a split parameter (internal; used sparingly)."""
+    return paramsplit._sync._SPLITS[weight].parts
+
+
 SAME = {"weight_decay": 0.05}  # equals the optimizer's default: distinct groups, equal settings
 SPEC_A = {"0.weight": rows({(0, 4): SAME}), "2": Regions(torch.arange(45).reshape(5, 9) % 2,
                                                          {0: {}, 1: SAME})}
@@ -50,10 +57,9 @@ def _steps(model, opt, n, seed):
         opt.step()
 
 
-def _assert_same_weights(split_model, ref):
-    merged = paramsplit.merged_state_dict(split_model)
-    for k, v in ref.state_dict().items():
-        assert torch.equal(merged[k], v), k
+def _assert_same_weights(model, ref):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_checkpoint_resume_is_bitwise(tmp_path):
@@ -69,8 +75,23 @@ def test_checkpoint_resume_is_bitwise(tmp_path):
     opt2 = _adamw(groups)
     opt2.load_state_dict(ck["opt"])
     _steps(resumed, opt2, 3, seed=2)
-    for (n, a), b in zip(split_model.named_parameters(), resumed.parameters()):
-        assert torch.equal(a, b), n
+    _assert_same_weights(split_model, resumed)
+
+
+def test_resuming_optimizer_state_of_another_split_raises_at_the_first_step(tmp_path):
+    split_model, groups = paramsplit.split(_model(), SPEC_A)
+    opt = _adamw(groups)
+    _steps(split_model, opt, 1, seed=1)
+    saved = opt.state_dict()
+    other, other_groups = paramsplit.split(_model(), {"0.weight": rows({(0, 5): SAME}),
+                                                      "2": SPEC_A["2"]})
+    opt2 = _adamw(other_groups)
+    opt2.load_state_dict(saved)  # the same number of tensors per group: torch accepts it
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"split another way.*'0\.weight'.*merged_optimizer"):
+        _steps(other, opt2, 1, seed=1)
+    for name, p in other.named_parameters():
+        assert torch.equal(p, before[name]), name  # nothing stepped
 
 
 def test_merged_optimizer_state_is_in_the_original_layout():
@@ -90,8 +111,41 @@ def test_merged_optimizer_state_is_in_the_original_layout():
     assert torch.all(state["0.weight"]["exp_avg"][frozen] == 0)
     assert torch.all(state["0.weight"]["exp_avg_sq"][~frozen] > 0)
     # rows: the state of rows 0:2 comes from part 0, of rows 2:5 from part 1
-    assert torch.equal(state["2.weight"]["exp_avg"][:2], opt.state[split_model[2].weight__0]["exp_avg"])
-    assert torch.equal(state["2.weight"]["exp_avg"][2:], opt.state[split_model[2].weight__1]["exp_avg"])
+    part0, part1 = _parts(model[2].weight)
+    assert torch.equal(state["2.weight"]["exp_avg"][:2], opt.state[part0]["exp_avg"])
+    assert torch.equal(state["2.weight"]["exp_avg"][2:], opt.state[part1]["exp_avg"])
+    # the merged state is a copy: changing it leaves the optimizer alone
+    state["2.weight"]["exp_avg"].zero_()
+    assert opt.state[part0]["exp_avg"].abs().sum() > 0
+
+
+def test_merged_optimizer_state_matches_the_unsplit_optimizer_state():
+    """Equal options: the merged moments are the unsplit AdamW's, bitwise, element by element."""
+    ref = _model()
+    split_model, groups = paramsplit.split(copy.deepcopy(ref), SPEC_B)
+    opt, ref_opt = _adamw(groups), _adamw(ref.parameters())
+    _steps(split_model, opt, 3, seed=1)
+    _steps(ref, ref_opt, 3, seed=1)
+    state = paramsplit.merged_optimizer_state(opt, split_model)
+    for name, p in ref.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state[name][key], ref_opt.state[p][key]), (name, key)
+
+
+def test_merged_optimizer_state_of_another_models_optimizer_raises():
+    model = _model()
+    split_model, groups = paramsplit.split(model, SPEC_A)
+    copied = copy.deepcopy(model)
+    copy_opt = _adamw(copied.parameters())
+    _steps(copied, copy_opt, 1, seed=1)
+    with pytest.raises(ValueError, match="holds none of the model's parameters"):
+        paramsplit.merged_optimizer_state(copy_opt, split_model)
+    # the optimizer of the split model itself is fine, before and after a step
+    opt = _adamw(groups)
+    assert paramsplit.merged_optimizer_state(opt, split_model) == {}
+    _steps(split_model, opt, 1, seed=1)
+    assert set(paramsplit.merged_optimizer_state(opt, split_model)) == {
+        "0.weight", "0.bias", "2.weight", "2.bias"}
 
 
 def _split_with_state(model, spec, state):
@@ -116,6 +170,21 @@ def test_switching_to_a_split_mid_training_keeps_adam_moments():
     _assert_same_weights(split_model, ref)
 
 
+def test_switching_the_same_model_to_a_split_mid_training_keeps_adam_moments():
+    """Not a copy: the model trained unsplit is split in place, with a new optimizer."""
+    model = _model()
+    ref = copy.deepcopy(model)
+    opt, ref_opt = _adamw(model.parameters()), _adamw(ref.parameters())
+    _steps(model, opt, 3, seed=1)
+    _steps(ref, ref_opt, 3, seed=1)
+    state = paramsplit.merged_optimizer_state(opt, model)
+    same, new_opt = _split_with_state(model, SPEC_B, state)
+    assert same is model
+    _steps(ref, ref_opt, 3, seed=2)
+    _steps(model, new_opt, 3, seed=2)
+    _assert_same_weights(model, ref)
+
+
 def test_resplitting_with_another_spec_carries_values_and_state():
     ref = _model()
     ref_opt = _adamw(ref.parameters())
@@ -125,10 +194,21 @@ def test_resplitting_with_another_spec_carries_values_and_state():
     _steps(split_a, opt_a, 3, seed=1)
 
     state = paramsplit.merged_optimizer_state(opt_a, split_a)
-    split_b, opt_b = _split_with_state(paramsplit.merge(split_a), SPEC_B, state)
+    assert paramsplit.merge(split_a) is split_a
+    split_b, opt_b = _split_with_state(split_a, SPEC_B, state)  # split again: no merge needed
+    assert split_b is split_a
+    assert "cols" in paramsplit.describe(split_b) and "rows" not in paramsplit.describe(split_b)
     _steps(ref, ref_opt, 3, seed=2)
     _steps(split_b, opt_b, 3, seed=2)
     _assert_same_weights(split_b, ref)
+    # and back to unsplit: the state of the split run loads into a plain optimizer
+    state = paramsplit.merged_optimizer_state(opt_b, split_b)
+    plain = copy.deepcopy(ref)
+    plain_opt = _adamw(plain.parameters())
+    paramsplit.load_merged_optimizer_state(plain_opt, plain, state)
+    _steps(ref, ref_opt, 2, seed=3)
+    _steps(plain, plain_opt, 2, seed=3)
+    _assert_same_weights(plain, ref)
 
 
 def test_merged_optimizer_state_for_sgd_momentum():
@@ -144,8 +224,10 @@ def test_merged_optimizer_state_for_sgd_momentum():
                        state["0.weight"]["momentum_buffer"])
 
 
-def test_merge_gives_plain_original_classes_and_keeps_ties():
+def test_merge_returns_the_model_itself_and_keeps_ties():
     model = TiedLM()
+    start = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
     split_model, groups = paramsplit.split(model, {"emb": rows({(0, 15): FROZEN}),
                                                    "mix": cols({(0, 4): {"lr": 0.1}})})
     opt = _adamw(groups)
@@ -155,79 +237,121 @@ def test_merge_gives_plain_original_classes_and_keeps_ties():
         split_model(tokens).logsumexp(-1).mean().backward()
         opt.step()
     plain = paramsplit.merge(split_model)
-    assert [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
+    assert plain is model and split_model is model
     assert all(type(m) in (TiedLM, nn.Embedding, nn.Linear) for m in plain.modules())
     assert plain.head.weight is plain.emb.weight
-    assert [n for n, _ in plain.named_parameters()] == [n for n, _ in model.named_parameters()]
-    assert torch.equal(plain(tokens), split_model(tokens))
-    assert plain.state_dict().keys() == model.state_dict().keys()
+    assert [n for n, _ in plain.named_parameters()] == names
+    assert plain.state_dict().keys() == start.state_dict().keys()
     # the frozen rows did not move, the others did
-    assert torch.equal(plain.emb.weight[:15], model.emb.weight[:15])
-    assert not torch.equal(plain.emb.weight[15:], model.emb.weight[15:])
+    assert torch.equal(plain.emb.weight[:15], start.emb.weight[:15])
+    assert not torch.equal(plain.emb.weight[15:], start.emb.weight[15:])
 
 
-def test_tied_parameter_split_keeps_the_tie():
+def test_tied_parameter_split_keeps_the_tie_and_trains_like_the_unsplit_model():
     model = TiedLM()
-    split_model, groups = paramsplit.split(model, {"head": rows({(0, 10): {"lr": 0.0}})})
-    assert split_model.head.weight__0 is split_model.emb.weight__0
+    ref = copy.deepcopy(model)
+    split_model, groups = paramsplit.split(model, {"head": rows({(0, 10): SAME})})
+    assert split_model.head.weight is split_model.emb.weight  # still tied
     ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids))
+    assert len(ids) == len(set(ids))  # the tied weight (the carrier) once, its parts once
+    assert sorted(ids) == sorted(map(id, list(model.parameters()) + _parts(model.emb.weight)))
+    assert [line.split()[0] for line in paramsplit.describe(model).splitlines()[1:]] == [
+        "emb.weight", "emb.weight"]
     tokens = torch.randint(0, 20, (3, 5))
-    assert torch.equal(split_model(tokens), model(tokens))
-    merged = paramsplit.merged_state_dict(split_model)
-    assert merged.keys() == model.state_dict().keys()
+    assert torch.equal(split_model(tokens), ref(tokens))
+    opt, ref_opt = _adamw(groups), _adamw(ref.parameters())
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(tokens).logsumexp(-1).mean().backward()  # both uses of the tied weight
+            o.step()
+    _assert_same_weights(model, ref)
     fresh = TiedLM()
-    fresh.load_state_dict(merged, strict=True)
+    fresh.load_state_dict(paramsplit.merged_state_dict(split_model), strict=True)
     assert torch.equal(fresh(tokens), model(tokens))
-    assert "emb.weight" in paramsplit.describe(split_model)
+
+
+def test_tied_parameter_frozen_rows_stay_frozen_through_both_uses():
+    model = TiedLM()
+    before = model.emb.weight.detach().clone()
+    _, groups = paramsplit.split(model, {"head": rows({(0, 10): FROZEN})})
+    opt = _adamw(groups)
+    tokens = torch.randint(0, 20, (3, 5))
+    for _ in range(3):
+        opt.zero_grad()
+        model(tokens).logsumexp(-1).mean().backward()
+        opt.step()
+    assert model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight[:10], before[:10])
+    assert (model.emb.weight[10:] != before[10:]).any(dim=1).all()
+
+
+def _compile_spec():
+    return SPEC_B | {"0.bias": {"lr": 0.1}}
 
 
 def test_torch_compile_fullgraph_forward_and_training_step():
     torch._dynamo.reset()
     model = _model()
-    split_model, groups = paramsplit.split(model, SPEC_B | {"0.bias": {"lr": 0.1}})
-    compiled = torch.compile(split_model, fullgraph=True)  # fullgraph: a graph break raises
+    eager = copy.deepcopy(model)
+    _, groups = paramsplit.split(model, _compile_spec())
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break raises
     x = torch.randn(6, 12)
-    torch.testing.assert_close(compiled(x), model(x))
+    torch.testing.assert_close(compiled(x), eager(x))
 
-    eager, eager_groups = paramsplit.split(copy.deepcopy(model), SPEC_B | {"0.bias": {"lr": 0.1}})
+    _, eager_groups = paramsplit.split(eager, _compile_spec())
     opt, eager_opt = _adamw(groups), _adamw(eager_groups)
     for m, o in ((compiled, opt), (eager, eager_opt)):
         for _ in range(2):
             o.zero_grad()
             m(x).pow(2).mean().backward()
             o.step()
-    for a, b in zip(paramsplit.merged_state_dict(split_model).values(),
-                    paramsplit.merged_state_dict(eager).values()):
-        torch.testing.assert_close(a, b)
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.equal(model[0].weight, _model()[0].weight)  # it did train
 
 
 def test_dtype_and_half_conversions():
     model = _model()
+    ref = copy.deepcopy(model)
     split_model, _ = paramsplit.split(model, SPEC_B)
     x = torch.randn(4, 12)
     for dtype, convert in ((torch.float16, nn.Module.half), (torch.bfloat16, nn.Module.bfloat16),
                            (torch.float64, nn.Module.double)):
         got = convert(copy.deepcopy(split_model))(x.to(dtype))
-        want = convert(copy.deepcopy(model))(x.to(dtype))
+        want = convert(copy.deepcopy(ref))(x.to(dtype))
         assert got.dtype == dtype and torch.equal(got, want)
-    moved = copy.deepcopy(split_model).to(torch.float64)
-    assert moved[0].weight__perm.dtype == torch.int32  # index buffers are not converted
+    split_model.half()
+    assert all(p.dtype == torch.float16 for p in split_model.parameters())
+    assert torch.equal(split_model(x.half()), ref.half()(x.half()))
+    assert list(split_model.buffers()) == []  # no index buffers to keep out of a conversion
 
 
-def test_autocast_bf16_on_cpu():
+def test_autocast_bf16_on_cpu_forward_and_training():
     model = _model()
-    split_model, _ = paramsplit.split(model, SPEC_A)
+    ref = copy.deepcopy(model)
+    split_model, groups = paramsplit.split(model, SPEC_A)
     x = torch.randn(4, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = split_model(x), model(x)
+        got, want = split_model(x), ref(x)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    opt, ref_opt = _adamw(groups), _adamw(ref.parameters())
+    for _ in range(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = m(x).float().pow(2).mean()
+            loss.backward()
+            o.step()
+    assert model[0].weight.dtype == torch.float32
+    _assert_same_weights(model, ref)
 
 
 def test_safetensors_round_trip_of_merged_weights(tmp_path):
     import safetensors.torch as safetensors
     model = _model()
-    split_model, _ = paramsplit.split(model, SPEC_B)
+    split_model, groups = paramsplit.split(model, SPEC_B)
+    _steps(split_model, _adamw(groups), 1, seed=1)
     safetensors.save_file(paramsplit.merged_state_dict(split_model), str(tmp_path / "w.safetensors"))
     fresh = _model(seed=3)
     fresh.load_state_dict(safetensors.load_file(str(tmp_path / "w.safetensors")), strict=True)
@@ -239,13 +363,15 @@ def test_safetensors_round_trip_of_merged_weights(tmp_path):
     assert torch.equal(other(x), split_model(x))
 
 
-def test_torch_compile_with_frozen_parts_with_and_without_grad():
+def test_torch_compile_with_frozen_regions_with_and_without_grad():
     torch._dynamo.reset()
     model = _model()
+    ref = copy.deepcopy(model)
     split_model, _ = paramsplit.split(model, {"0.bias": FROZEN, "0.weight": Regions(
         torch.arange(108).reshape(9, 12) % 2, {0: FROZEN, 1: {}})})
+    assert not model[0].bias.requires_grad
     compiled = torch.compile(split_model, fullgraph=True)
     x = torch.randn(3, 12)
-    torch.testing.assert_close(compiled(x), model(x))
+    torch.testing.assert_close(compiled(x), ref(x))
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(compiled(x), ref(x))

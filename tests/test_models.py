@@ -1,22 +1,24 @@
 """paramsplit on real models and every kind of owner module.
 
-Every check has an oracle that does not go through paramsplit:
+``split`` leaves the model as it is (same object, parameters, names, classes and forward); the
+optimizer steps *parts*, one per trained region, which the step hooks sync with the model's
+parameter once per step. Every check has an oracle that does not go through paramsplit:
 
 * forward / backward: the unsplit model (a deep copy taken before ``split``), compared bitwise;
+  after backward a split parameter's ``.grad`` is the unsplit gradient, every element of it
+  (FROZEN ones included), and the parts hold no gradient outside a step;
 * optimizer steps: plain ``torch.optim`` on the unsplit model, with one leaf tensor per region
   (the region's elements, gathered with a boolean mask) in a param group with that region's
   options, and the region written back after each step; or, where all options are effectively
   equal, a plain optimizer over the unsplit model's parameters;
 * checkpoints: a freshly built, unsplit model loaded with ``strict=True``.
-
-Region part ``i`` (``<attr>__i``) holds the elements of region ``i`` in row-major order, so a
-part's gradient goes back into the full tensor with ``full[mask_i] = part_i.grad.reshape(-1)``.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import runpy
 import sys
 import warnings
@@ -306,83 +308,84 @@ def loss_of(out) -> Tensor:
     return total
 
 
-def owner_attr(model: nn.Module, target: str) -> tuple[nn.Module, str]:
-    owner, _, attr = target.rpartition(".")
-    return (model.get_submodule(owner) if owner else model), attr
+def parts_of(model: nn.Module, target: str) -> list[nn.Parameter]:
+    """The parts the optimizer steps for ``target``: one per trained region, in region order."""
+    return ps._sync._SPLITS[model.get_parameter(target)].parts
 
 
-def assembled(model: nn.Module, target: str) -> Tensor:
-    owner, attr = owner_attr(model, target)
-    return getattr(owner, attr)
+def trained(options) -> int:
+    return sum(o is not FROZEN for o in options)
 
 
-def parts(model: nn.Module, target: str, n: int) -> list[nn.Parameter]:
-    owner, attr = owner_attr(model, target)
-    out = [owner._parameters[f"{attr}__{i}"] for i in range(n)]
-    assert f"{attr}__{n}" not in owner._parameters
-    assert attr not in owner._parameters
-    return out
+def assert_params_equal(ref: nn.Module, sm: nn.Module, grads: bool = False) -> None:
+    """The same parameter names (tied ones under every name), values and, with ``grads``,
+    gradients, bitwise; and no part holds a gradient (parts have one only inside a step)."""
+    want = list(ref.named_parameters(remove_duplicate=False))
+    got = list(sm.named_parameters(remove_duplicate=False))
+    assert [n for n, _ in got] == [n for n, _ in want]
+    for (name, p), (_, q) in zip(got, want):
+        assert p.shape == q.shape and torch.equal(p, q), name
+        if grads:
+            assert (p.grad is None) == (q.grad is None), name
+            assert p.grad is None or torch.equal(p.grad, q.grad), f"{name}.grad"
+        split = ps._sync._SPLITS.get(p)
+        assert split is None or all(part.grad is None for part in split.parts), name
 
 
-def merged_grad(model, target, masks) -> tuple[Tensor, Tensor]:
-    """The parts' gradients, scattered into the full shape, and where any gradient was."""
-    ps_ = parts(model, target, len(masks))
-    full = torch.zeros(masks[0].shape, dtype=ps_[0].dtype)
-    have = torch.zeros(masks[0].shape, dtype=torch.bool)
-    for m, p in zip(masks, ps_):
-        # a part holds its region's elements (sparse: the FROZEN part is the whole tensor)
-        assert p.shape == () or p.numel() == int(m.sum()) or p.shape == m.shape
-        if p.grad is not None:
-            full[m] = p.grad.reshape(-1)
-            have |= m
-    return full, have
+def assert_groups_hold(sm: nn.Module, groups) -> None:
+    """Each trainable parameter and each part appears once in the groups, nothing else does."""
+    held = [p for g in groups for p in g["params"]]
+    assert len(held) == len({id(p) for p in held})
+    want = {id(p) for p in sm.parameters() if p.requires_grad}
+    for p in sm.parameters():
+        split = ps._sync._SPLITS.get(p)
+        if split is not None and p.requires_grad:
+            want |= {id(part) for part in split.parts}
+    assert {id(p) for p in held} == want
 
 
 def split_pair(case: Case, options=None):
     """``(ref, split_model, groups)``; ``ref`` is an independent deep copy of the original."""
     model = case.build()
     ref = copy.deepcopy(model)
+    before = dict(model.named_parameters())
     split_model, groups = ps.split(model, case.spec(options))
+    assert split_model is model
+    after = dict(model.named_parameters())
+    assert list(after) == list(before) and all(after[n] is p for n, p in before.items())
+    assert_groups_hold(split_model, groups)
     return ref, split_model, groups
 
 
-def other_params_equal(ref, split_model, target):
-    got = dict(split_model.named_parameters())
-    owner, attr = target.rpartition(".")[0], target.rpartition(".")[2]
-    prefix = f"{owner}.{attr}__" if owner else f"{attr}__"
-    n = 0
-    for name, p in ref.named_parameters():
-        if name == target:
-            continue
-        assert torch.equal(p, got[name]), name
-        n += 1
-    assert n + len([k for k in got if k.startswith(prefix)]) == len(got)
-
-
-def oracle_optimizer(ref, case, options, opt_cls, **defaults):
-    """A plain optimizer over ``ref`` with one leaf per non-frozen region of the target."""
-    p = ref.get_parameter(case.target)
-    rest = [q for q in ref.parameters() if q is not p]
+def oracle_optimizer(ref, regions, opt_cls, **defaults):
+    """A plain optimizer over ``ref`` with one leaf per non-frozen region of each target;
+    ``regions`` maps a target's name to ``(masks, options)``."""
+    targets = {id(ref.get_parameter(t)) for t in regions}
+    rest = [q for q in ref.parameters() if id(q) not in targets]
     groups = [{"params": rest}] if rest else []
     leaves = []
-    for m, opts in zip(case.structure.masks(), options):
-        if opts is FROZEN:
-            continue
-        leaf = p.detach()[m].clone().requires_grad_()
-        leaves.append((m, leaf))
-        groups.append({"params": [leaf], **opts})
+    for target, (masks, options) in regions.items():
+        p = ref.get_parameter(target)
+        for m, opts in zip(masks, options):
+            if opts is FROZEN:
+                continue
+            leaf = p.detach()[m].clone().requires_grad_()
+            leaves.append((p, m, leaf))
+            groups.append({"params": [leaf], **opts})
     return opt_cls(groups, **defaults), leaves
 
 
-def oracle_step(p, opt, leaves):
-    """One step of the per-region oracle: leaves take ``p``'s masked gradients, step, write back."""
-    for m, leaf in leaves:
-        leaf.grad = p.grad[m].clone()
+def oracle_step(opt, leaves):
+    """One step of the per-region oracle: each leaf takes its region's values and gradient from
+    its parameter, steps, and is written back."""
+    with torch.no_grad():
+        for p, m, leaf in leaves:
+            leaf.copy_(p[m])
+            leaf.grad = p.grad[m].clone()
     opt.step()
     with torch.no_grad():
-        for m, leaf in leaves:
+        for p, m, leaf in leaves:
             p[m] = leaf
-    p.grad = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +396,7 @@ def oracle_step(p, opt, leaves):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_owner_forward_bitwise(case):
     ref, sm, _ = split_pair(case)
-    assert torch.equal(assembled(sm, case.target), ref.get_parameter(case.target))
+    assert_params_equal(ref, sm)
     g = torch.Generator().manual_seed(1)
     for mode in (True, False, True, False):  # BatchNorm: running stats evolve identically
         ref.train(mode)
@@ -408,8 +411,7 @@ def test_owner_forward_bitwise(case):
     table = ps.describe(sm)
     rows_ = [r.split() for r in table.splitlines()[1:] if r.startswith(case.target + " ")]
     assert len(rows_) == case.structure.n, table
-    assert type(sm.get_submodule(case.target.rpartition(".")[0])).forward is \
-        type(ref.get_submodule(case.target.rpartition(".")[0])).forward  # the owner's own forward
+    assert [type(m) for m in sm.modules()] == [type(m) for m in ref.modules()]  # no class swap
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -420,21 +422,17 @@ def test_owner_backward_grads(case):
     x = case.inputs(torch.Generator().manual_seed(2))
     loss_of(case.call(ref, x)).backward()
     loss_of(case.call(sm, x)).backward()
-    masks = case.structure.masks()
-    full, have = merged_grad(sm, case.target, masks)
-    want = ref.get_parameter(case.target).grad
-    trainable = torch.zeros_like(have)
-    for m, opts in zip(masks, case.options):
-        if opts is not FROZEN:
-            trainable |= m
-    assert torch.equal(have, trainable)
-    assert torch.equal(full[have], want[have])
-    for p, opts in zip(parts(sm, case.target, len(masks)), case.options):
-        assert p.requires_grad == (opts is not FROZEN)
-    got = dict(sm.named_parameters())
-    for name, p in ref.named_parameters():
-        if name != case.target:
-            assert torch.equal(p.grad, got[name].grad), name
+    # every parameter's .grad, the split one's too (all its elements), is the unsplit gradient
+    assert_params_equal(ref, sm, grads=True)
+    assert sm.get_parameter(case.target).grad is not None
+    # one part per trained region, holding that region's elements in row-major order
+    w = sm.get_parameter(case.target).detach()
+    regions = [m for m, o in zip(case.structure.masks(), case.options) if o is not FROZEN]
+    parts = parts_of(sm, case.target)
+    assert len(parts) == len(regions) == trained(case.options)
+    for part, m in zip(parts, regions):
+        assert part.requires_grad and part.grad is None
+        assert torch.equal(part.detach().reshape(-1), w[m])
 
 
 def check_adamw_against_oracle(case: Case, steps: int = 3) -> None:
@@ -443,8 +441,8 @@ def check_adamw_against_oracle(case: Case, steps: int = 3) -> None:
     ref.train(case.train)
     sm.train(case.train)
     opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WD, foreach=False)
-    oracle, leaves = oracle_optimizer(ref, case, case.options, torch.optim.AdamW, lr=LR,
-                                      weight_decay=WD, foreach=False)
+    oracle, leaves = oracle_optimizer(ref, {case.target: (case.structure.masks(), case.options)},
+                                      torch.optim.AdamW, lr=LR, weight_decay=WD, foreach=False)
     g = torch.Generator().manual_seed(3)
     for _ in range(steps):
         x = case.inputs(g)
@@ -453,10 +451,9 @@ def check_adamw_against_oracle(case: Case, steps: int = 3) -> None:
         ref.zero_grad()
         loss_of(case.call(ref, x)).backward()
         loss_of(case.call(sm, x)).backward()
-        oracle_step(ref.get_parameter(case.target), oracle, leaves)
+        oracle_step(oracle, leaves)
         opt.step()
-        assert torch.equal(assembled(sm, case.target), ref.get_parameter(case.target))
-        other_params_equal(ref, sm, case.target)
+        assert_params_equal(ref, sm, grads=True)  # the step gives the weight its gradient back
     x = case.inputs(g)
     assert_same(case.call(ref, x), case.call(sm, x))
 
@@ -505,8 +502,7 @@ def test_owner_equal_options_match_unsplit_adamw(case):
         loss_of(case.call(sm, x)).backward()
         ref_opt.step()
         opt.step()
-    assert torch.equal(assembled(sm, case.target), ref.get_parameter(case.target))
-    other_params_equal(ref, sm, case.target)
+        assert_params_equal(ref, sm, grads=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -519,21 +515,27 @@ def test_owner_frozen_region_unchanged(case, optimizer):
         opt = torch.optim.AdamW(groups, lr=0.1, weight_decay=0.1, betas=(0.9, 0.99))
     else:
         opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=0.1)
+    frozen = torch.stack([m for m, o in zip(case.structure.masks(), case.options) if o is FROZEN]).any(0)
+    w = sm.get_parameter(case.target)
+    pulled = False  # FROZEN elements have a gradient, which must not act
     g = torch.Generator().manual_seed(5)
     for _ in range(4):
         opt.zero_grad()
         loss_of(case.call(sm, case.inputs(g))).backward()
+        pulled |= bool(w.grad[frozen].ne(0).any())
         opt.step()
-    after = assembled(sm, case.target).detach()
+    assert pulled
+    after = w.detach()
     for m, opts in zip(case.structure.masks(), case.options):
         if opts is FROZEN:
             assert torch.equal(after[m], before[m])
         elif opts.get("lr", 1) > 0:
             assert not torch.equal(after[m], before[m])
-    frozen = [p for p, o in zip(parts(sm, case.target, case.structure.n), case.options) if o is FROZEN]
-    in_groups = {id(p) for grp in groups for p in grp["params"]}
-    for p in frozen:
-        assert p.grad is None and not p.requires_grad and id(p) not in in_groups
+    # the optimizer never stepped the weight as a whole: its state is the parts' only
+    parts = parts_of(sm, case.target)
+    assert len(parts) == trained(case.options)
+    assert all(p.grad is None and p in opt.state for p in parts)
+    assert w not in opt.state
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -548,7 +550,7 @@ def test_owner_merged_state_dict_loads_strict(case):
     assert set(state) == set(ref.state_dict())
     fresh = case.build()
     fresh.load_state_dict(state, strict=True)
-    assert torch.equal(fresh.get_parameter(case.target), assembled(sm, case.target))
+    assert torch.equal(fresh.get_parameter(case.target), sm.get_parameter(case.target))
     fresh.eval()
     sm.eval()
     x = case.inputs(g)
@@ -571,7 +573,7 @@ def test_first_adamw_step_matches_closed_form():
     w0 = sm.weight.detach().clone()
     b0 = sm.bias.detach().clone()
     loss_of(sm(torch.randn(7, 6))).backward()
-    g = torch.cat([torch.zeros(1, 6), sm.weight__1.grad, sm.weight__2.grad])
+    g = sm.weight.grad.clone()  # row 0 is FROZEN: lr 0 below
     gb = sm.bias.grad.clone()
     opt.step()
     lr = torch.tensor([[0.0], [0.05], [0.05], [0.01], [0.01]])
@@ -592,24 +594,21 @@ def test_weight_decay_tensor_plan_matches_oracle():
     ref = copy.deepcopy(model)
     sm, groups = ps.split(model, {"0": wd})
     opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WD, foreach=False)
-    values = sorted(wd.unique().tolist())  # part order: ascending weight decay
-    masks = [wd == v for v in values]
-    p = ref[0].weight
-    leaves = [(m, p.detach()[m].clone().requires_grad_()) for m in masks]
-    oracle = torch.optim.AdamW(
-        [{"params": [q for q in ref.parameters() if q is not p]}]
-        + [{"params": [leaf], "weight_decay": v} for (m, leaf), v in zip(leaves, values)],
-        lr=LR, weight_decay=WD, foreach=False)
+    values = sorted(wd.unique().tolist())  # region order: ascending weight decay
+    oracle, leaves = oracle_optimizer(ref, {"0.weight": ([wd == v for v in values],
+                                                         [{"weight_decay": v} for v in values])},
+                                      torch.optim.AdamW, lr=LR, weight_decay=WD, foreach=False)
+    assert len(parts_of(sm, "0.weight")) == len(values)
     for step in range(3):
         x = torch.randn(4, 6)
         opt.zero_grad()
         oracle.zero_grad()
+        ref.zero_grad()
         loss_of(ref(x)).backward()
         loss_of(sm(x)).backward()
-        oracle_step(p, oracle, leaves)
+        oracle_step(oracle, leaves)
         opt.step()
-        assert torch.equal(sm[0].weight, p)
-        assert torch.equal(sm[2].weight, ref[2].weight)
+        assert_params_equal(ref, sm, grads=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,15 +650,9 @@ def test_transformer_encoder_in_proj_qkv_split(frozen):
     sm.train()
     loss_of(ref(x)).backward()
     loss_of(sm(x)).backward()
+    assert_params_equal(ref, sm, grads=True)  # in_proj_weight.grad: q, k and v, the frozen one too
     for i in range(2):
-        want = ref.layers[i].self_attn.in_proj_weight.grad
-        got = sm.layers[i].self_attn
-        for j, (a, b) in enumerate(blocks):
-            part = got._parameters[f"in_proj_weight__{j}"]
-            if j == frozen:
-                assert part.grad is None
-            else:
-                assert torch.equal(part.grad, want[a:b])
+        assert len(parts_of(sm, f"layers.{i}.self_attn.in_proj_weight")) == 2
     a, b = blocks[frozen]
     before = [ref.layers[i].self_attn.in_proj_weight[a:b].detach().clone() for i in range(2)]
     opt = torch.optim.AdamW(groups, lr=0.1, weight_decay=0.1)
@@ -693,14 +686,25 @@ def test_shared_module_used_twice():
     ref = copy.deepcopy(model)
     sm, groups = ps.split(model, {"block": ps.rows({(0, 3): FROZEN, (3, 8): {"lr": 0.05}})})
     assert sm.alias is sm.block
-    assert sum(len(g["params"]) for g in groups) == len(list(sm.parameters())) - 1
+    parts = parts_of(sm, "block.weight")
+    assert len(parts) == 1 and parts_of(sm, "alias.weight") is parts
+    assert_groups_hold(sm, groups)
+    assert sum(len(g["params"]) for g in groups) == len(list(sm.parameters())) + 1
+    assert_params_equal(ref, sm)  # alias.* names too
     x = torch.randn(5, 8)
     assert torch.equal(ref(x), sm(x))
     loss_of(ref(x)).backward()
     loss_of(sm(x)).backward()
-    assert torch.equal(sm.block.weight__1.grad, ref.block.weight.grad[3:])
-    assert sm.block.weight__0.grad is None
-    assert torch.equal(sm.block.bias.grad, ref.block.bias.grad)
+    assert_params_equal(ref, sm, grads=True)  # both uses reach block.weight.grad
+    before = sm.block.weight.detach().clone()
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=0.1)
+    for _ in range(2):
+        opt.step()
+        opt.zero_grad()
+        loss_of(sm(x)).backward()
+    assert sm.alias.weight is sm.block.weight
+    assert torch.equal(sm.block.weight[:3], before[:3])
+    assert not torch.equal(sm.block.weight[3:], before[3:])
     state = ps.merged_state_dict(sm)
     assert set(state) == set(ref.state_dict())  # includes the alias.* keys
     fresh = SharedTwice()
@@ -755,19 +759,16 @@ def test_parametrize_registered_weight_split_by_module_name():
     sm, groups = ps.split(model, {"0": ps.rows({(0, 2): FROZEN, (2, 4): {"lr": 0.05}})})
     target = "0.parametrizations.weight.original"
     assert parametrize.is_parametrized(sm[0], "weight")
-    names = [n for n, _ in sm.named_parameters()]
-    assert [n for n in names if n.startswith("0.")] == [
-        "0.bias", f"{target}__0", f"{target}__1", f"{target}__2"]
+    assert_params_equal(ref, sm)
+    assert [n for n, _ in sm.named_parameters() if n.startswith("0.")] == ["0.bias", target]
+    assert len(parts_of(sm, target)) == 2
     x = torch.randn(4, 6)
     assert torch.equal(sm[0].weight, ref[0].weight)
     assert torch.equal(ref(x), sm(x))
     loss_of(ref(x)).backward()
     loss_of(sm(x)).backward()
-    want = ref.get_parameter(target).grad
+    assert_params_equal(ref, sm, grads=True)  # original.grad: through the parametrization
     owner = sm.get_submodule("0.parametrizations.weight")
-    assert owner.original__0.grad is None
-    assert torch.equal(owner.original__1.grad, want[2:4])
-    assert torch.equal(owner.original__2.grad, want[4:])
     before = ref.get_parameter(target).detach().clone()
     opt = torch.optim.AdamW(groups, lr=0.1, weight_decay=0.1)
     for _ in range(3):
@@ -810,17 +811,43 @@ META_SPEC = {
 }
 
 
-def test_meta_device_split_then_to_empty_and_load():
+#: META_SPEC's regions, written out: (masks, options) of every planned parameter, for the oracle
+META_REGIONS = {
+    "emb.weight": (rows_of((30, 16), (0, 20), (20, 30)).masks(), [FROZEN, {}]),
+    "pos": (cols_of((1, 6, 16), (0, 3), (3, 6)).masks(), [{"weight_decay": 0.0}, {}]),
+    "attn.in_proj_weight": (rows_of((48, 16), (0, 16), (16, 32), (32, 48)).masks(),
+                            [{"lr": 0.05}, FROZEN, {}]),
+    "norm.weight": (rows_of((16,), (0, 8), (8, 16)).masks(), [{"weight_decay": 0.0}, {}]),
+    "fc.weight": ([torch.arange(8 * 16).view(8, 16) % 3 == i for i in range(3)],
+                  [FROZEN, {"lr": 0.1}, {}]),
+    "conv.weight": ([torch.arange(4 * 8 * 3).view(4, 8, 3) % 2 == i for i in range(2)],
+                    [{"weight_decay": 0.0}, {"weight_decay": 0.1}]),
+}
+
+
+@pytest.mark.parametrize("materialize", ["to_empty", "assign"])
+def test_meta_device_split_then_materialize_and_train(materialize):
+    """Split on the meta device, materialize (``to_empty`` and a load, or a load with
+    ``assign=True``), train: bitwise the per-region oracle on the real model. A weight replaced
+    by an ``assign=True`` load during training is taken over at the next step."""
     torch.manual_seed(0)
     real = SmallNet()
+    ref = copy.deepcopy(real)
     with torch.device("meta"):
         meta = SmallNet()
-    sm, groups = ps.split(meta, META_SPEC)
+    sm, _ = ps.split(meta, META_SPEC)
+    assert sm is meta
     assert all(p.device.type == "meta" for p in sm.parameters())
-    sm.to_empty(device="cpu")
-    assert all(t.device.type == "cpu" for t in list(sm.parameters()) + list(sm.buffers()))
-    result = ps.load_merged_state_dict(sm, real.state_dict())
+    assert [n for n, _ in sm.named_parameters()] == [n for n, _ in real.named_parameters()]
+    state = {k: v.clone() for k, v in real.state_dict().items()}
+    if materialize == "to_empty":
+        sm.to_empty(device="cpu")
+        result = ps.load_merged_state_dict(sm, state)
+    else:
+        result = sm.load_state_dict(state, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
+    assert all(t.device.type == "cpu" for t in list(sm.parameters()) + list(sm.buffers()))
+    assert_params_equal(ref, sm)
     ids = torch.randint(0, 30, (3, 6))
     for mode in (True, False):
         real.train(mode)
@@ -829,20 +856,39 @@ def test_meta_device_split_then_to_empty_and_load():
     state = ps.merged_state_dict(sm)
     for k, v in real.state_dict().items():
         assert torch.equal(state[k], v), k
-    # ``to_empty`` replaces every meta Parameter by a new object (plain PyTorch behaviour), so the
-    # groups ``split`` returned hold the old meta tensors; build the groups again.
-    assert all(p.device.type == "meta" for g in groups for p in g["params"])
+    # ``to_empty`` and ``assign=True`` put new Parameter objects in the model (plain PyTorch),
+    # so the groups ``split`` returned hold the meta ones: build the groups again
     groups = ps.param_groups(sm)
-    in_groups = {id(p) for g in groups for p in g["params"]}
-    assert in_groups == {id(p) for p in sm.parameters() if p.requires_grad}
-    assert not sm.emb.weight__0.requires_grad
+    assert_groups_hold(sm, groups)
+    assert all(p.device.type == "cpu" for g in groups for p in g["params"])
+    assert sm.emb.weight.requires_grad  # partly FROZEN only
+    assert len(parts_of(sm, "emb.weight")) == 1
+    ref.train()
     sm.train()
-    before = sm.emb.weight.detach().clone()
-    opt = torch.optim.AdamW(groups, lr=0.1, weight_decay=0.1)
-    loss_of(sm(ids)).backward()
-    opt.step()
-    assert torch.equal(sm.emb.weight[:20], before[:20])
-    assert not torch.equal(sm.emb.weight[20:], before[20:])
+    opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WD, foreach=False)
+    oracle, leaves = oracle_optimizer(ref, META_REGIONS, torch.optim.AdamW, lr=LR,
+                                      weight_decay=WD, foreach=False)
+    frozen = ref.emb.weight[:20].detach().clone()
+    g = torch.Generator().manual_seed(7)
+    for step in range(4):
+        if step == 2:  # new values for emb.weight, in a new Parameter in sm (as such loads do)
+            old = sm.emb.weight
+            sm.load_state_dict({"emb.weight": old.detach() * 0.5}, strict=False, assign=True)
+            assert sm.emb.weight is not old
+            with torch.no_grad():
+                ref.emb.weight.mul_(0.5)
+            frozen = frozen * 0.5
+        ids = torch.randint(0, 30, (3, 6), generator=g)
+        opt.zero_grad()
+        oracle.zero_grad()
+        ref.zero_grad()
+        loss_of(ref(ids)).backward()
+        loss_of(sm(ids)).backward()
+        oracle_step(oracle, leaves)
+        opt.step()
+        assert_params_equal(ref, sm, grads=True)
+    assert torch.equal(sm.emb.weight[:20], frozen)
+    assert any(p is sm.emb.weight for g in opt.param_groups for p in g["params"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -957,29 +1003,23 @@ def test_hf_logits_bitwise_and_step(name):
         assert torch.equal(ref(ids).logits, sm(ids).logits), f"train={mode}"
         with torch.no_grad():
             assert torch.equal(ref(ids).logits, sm(ids).logits), f"no_grad train={mode}"
-    # gradients, merged back, equal the unsplit model's; then one step and a strict reload
+    # every gradient, the split parameters' whole ones too, equals the unsplit model's
     loss_ref = ref(ids, labels=ids).loss
     loss_sm = sm(ids, labels=ids).loss
     assert torch.equal(loss_ref, loss_sm)
     loss_ref.backward()
     loss_sm.backward()
-    ref_params = dict(ref.named_parameters(remove_duplicate=False))  # tied: every name
-    checked = 0
-    for prefix, module in sm.named_modules():
-        attrs = {n.rpartition("__")[0] for n in module._parameters if "__" in n}
-        for attr in sorted(attrs):
-            name = f"{prefix}.{attr}" if prefix else attr
-            full = ref_params[name]
-            got, have = _cat_part_grads(module, attr, full.shape)
-            assert have.any()
-            assert torch.equal(got[have], full.grad[have]), name
-            checked += 1
-    assert checked >= 3
-    for name, p in sm.named_parameters():
-        if "__" not in name:
-            assert torch.equal(p.grad, ref_params[name].grad), name
-    opt = torch.optim.AdamW(groups, lr=1e-3)
+    assert_params_equal(ref, sm, grads=True)
+    assert_groups_hold(sm, groups)
+    # then one AdamW step: bitwise the per-region oracle's
+    regions = _hf_regions(ref, HF_SPECS[name][1])
+    assert set(regions) == split_names
+    opt = torch.optim.AdamW(groups, lr=1e-3, foreach=False)
+    oracle, leaves = oracle_optimizer(ref, regions, torch.optim.AdamW, lr=1e-3, foreach=False)
+    oracle_step(oracle, leaves)
     opt.step()
+    assert_params_equal(ref, sm, grads=True)
+    # and a strict reload
     fresh = build(seed=1)
     fresh.load_state_dict(ps.merged_state_dict(sm), strict=True)
     fresh.eval()
@@ -987,20 +1027,24 @@ def test_hf_logits_bitwise_and_step(name):
     assert torch.equal(fresh(ids).logits, sm(ids).logits)
 
 
-def _cat_part_grads(owner, attr, shape):
-    """The gradients of a rows/cols split's parts, concatenated; and where any gradient was."""
-    parts_ = []
-    i = 0
-    while f"{attr}__{i}" in owner._parameters:
-        parts_.append(owner._parameters[f"{attr}__{i}"])
-        i += 1
-    assert len(parts_) >= 2
-    differ = [d for d in range(len(shape)) if parts_[0].shape[d] != shape[d]]
-    assert len(differ) == 1, (parts_[0].shape, shape)
-    dim = differ[0]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parts_]
-    have = [torch.full(p.shape, p.grad is not None) for p in parts_]
-    return torch.cat(grads, dim), torch.cat(have, dim)
+def _hf_regions(model, spec):
+    """Each planned parameter's ``(masks, options)``, read off the spec by hand (each plan here
+    is one block of rows or columns; the rest of the parameter has the defaults)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if callable(spec):
+            plan = spec(name, p)
+        else:
+            plan = next((v for k, v in spec.items()
+                         if fnmatch.fnmatchcase(name, k) or fnmatch.fnmatchcase(name, k + ".weight")),
+                        None)
+        if plan is None:
+            continue
+        ((a, b), opts), = plan.blocks.items()
+        m = torch.zeros(p.shape, dtype=torch.bool)
+        m.narrow(plan.dim, a, b - a).fill_(True)
+        out[name] = ([m, ~m], [opts, {}])
+    return out
 
 
 def test_gpt2_equal_options_steps_match_unsplit_adamw():
@@ -1028,53 +1072,60 @@ def test_gpt2_equal_options_steps_match_unsplit_adamw():
     state = ps.merged_state_dict(sm)
     for k, v in ref.state_dict().items():
         assert torch.equal(state[k], v), k
-    assert torch.equal(sm.lm_head.weight, sm.transformer.wte.weight)
+    assert_params_equal(ref, sm, grads=True)
+    assert sm.lm_head.weight is sm.transformer.wte.weight
 
 
 def test_gpt2_tied_embedding_split_rows():
     model = gpt2()
     ref = copy.deepcopy(model)
     assert model.lm_head.weight is model.transformer.wte.weight
+    options = [FROZEN, {"lr": 0.05}, {}]
     sm, groups = ps.split(model, {"transformer.wte": ps.rows({(0, 600): FROZEN, (600, 800): {"lr": 0.05}})})
     wte = sm.transformer.wte
-    # the tie is kept: lm_head reads the same parts
-    assert torch.equal(sm.lm_head.weight, wte.weight)
-    assert "weight" not in sm.lm_head._parameters
-    for i in range(3):
-        assert sm.lm_head._parameters[f"weight__{i}"] is wte._parameters[f"weight__{i}"]
-    # each tensor appears once in the groups, and the tied parts once in named_parameters
+    assert sm.lm_head.weight is wte.weight  # the tie is untouched
+    # each tensor appears once in the groups: the weight (under both its names) and its two parts
+    assert_groups_hold(sm, groups)
+    parts = parts_of(sm, "transformer.wte.weight")
+    assert len(parts) == 2 and parts_of(sm, "lm_head.weight") is parts
     all_group_params = [p for g in groups for p in g["params"]]
-    assert len(all_group_params) == len({id(p) for p in all_group_params})
-    assert {id(p) for p in all_group_params} == {id(p) for p in sm.parameters() if p.requires_grad}
-    assert sum(1 for p in all_group_params if p is wte.weight__1 or p is wte.weight__2) == 2
-    names = [n for n, _ in sm.named_parameters()]
-    assert "transformer.wte.weight__0" in names and not any(n.startswith("lm_head.") for n in names)
+    assert sum(1 for p in all_group_params if any(p is q for q in parts)) == 2
+    assert sum(1 for p in all_group_params if p is wte.weight) == 1
+    assert_params_equal(ref, sm)  # the names: lm_head.weight under remove_duplicate=False only
+    assert not any(n.startswith("lm_head.") for n, _ in sm.named_parameters())
     table = ps.describe(sm)
     assert table.count("rows 600:800") == 1, table
     # merged_state_dict keeps the original keys (lm_head.weight too, if the original has it)
     state = ps.merged_state_dict(sm)
     assert set(state) == set(ref.state_dict())
     assert ("lm_head.weight" in state) == ("lm_head.weight" in ref.state_dict())
-    # gradients from both uses (embedding and lm_head) reach the parts
+    # gradients from both uses (embedding and lm_head) reach the weight
     ids = _ids()
     ref.train()
     sm.train()
     ref(ids, labels=ids).loss.backward()
     sm(ids, labels=ids).loss.backward()
-    want = ref.transformer.wte.weight.grad
-    assert wte.weight__0.grad is None
-    assert torch.equal(wte.weight__1.grad, want[600:800])
-    assert torch.equal(wte.weight__2.grad, want[800:])
+    assert_params_equal(ref, sm, grads=True)
+    # training: bitwise the per-region oracle; FROZEN rows stay, the tie holds
     before = wte.weight.detach().clone()
-    opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1)
+    opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1, foreach=False)
+    oracle, leaves = oracle_optimizer(
+        ref, {"transformer.wte.weight": (rows_of((VOCAB, 64), (0, 600), (600, 800), (800, VOCAB)).masks(),
+                                         options)},
+        torch.optim.AdamW, lr=0.05, weight_decay=0.1, foreach=False)
     for step in range(3):
+        oracle_step(oracle, leaves)
         opt.step()
+        assert_params_equal(ref, sm, grads=True)
         opt.zero_grad()
+        oracle.zero_grad()
+        ref.zero_grad()
+        ref(_ids(step + 1), labels=_ids(step + 1)).loss.backward()
         sm(_ids(step + 1), labels=_ids(step + 1)).loss.backward()
     after = wte.weight
     assert torch.equal(after[:600], before[:600])
     assert not torch.equal(after[600:], before[600:])
-    assert torch.equal(sm.lm_head.weight, after)  # still tied after training
+    assert sm.lm_head.weight is sm.transformer.wte.weight  # still tied after training
     state = ps.merged_state_dict(sm)
     fresh = gpt2(seed=1)
     fresh.load_state_dict(state, strict=True)
@@ -1141,23 +1192,8 @@ def test_gpt2_gradient_checkpointing():
     loss_ref.backward()
     loss_sm.backward()
     assert len(calls) == 2, "the block was not recomputed: checkpointing is not active"
-    ref_params = dict(ref.named_parameters())
-    for i in range(2):
-        want = ref_params[f"transformer.h.{i}.mlp.c_fc.weight"].grad
-        c_fc = sm.transformer.h[i].mlp.c_fc
-        assert torch.equal(c_fc.weight__0.grad, want[:32])
-        assert torch.equal(c_fc.weight__1.grad, want[32:])
-        want = ref_params[f"transformer.h.{i}.attn.c_attn.weight"].grad
-        ids3 = torch.arange(64 * 192).view(64, 192) % 3
-        c_attn = sm.transformer.h[i].attn.c_attn
-        assert torch.equal(c_attn.weight__0.grad, want[ids3 == 0])
-        assert torch.equal(c_attn.weight__1.grad, want[ids3 == 1])
-        assert c_attn.weight__2.grad is None
-    want = ref.transformer.wte.weight.grad
-    assert torch.equal(sm.transformer.wte.weight__1.grad, want[500:])
-    for name, p in sm.named_parameters():
-        if "__" not in name:
-            assert torch.equal(p.grad, ref_params[name].grad), name
+    # every W.grad (all elements, FROZEN ones too) is the reference gradient
+    assert_params_equal(ref, sm, grads=True)
 
 
 def test_gpt2_save_pretrained_original_format(tmp_path):
@@ -1207,13 +1243,15 @@ def test_example_gpt2_new_tokens(capsys):
 
 def test_gpt2_merge_gives_the_plain_hf_model():
     model = gpt2()
+    ref = copy.deepcopy(model)
     sm, _ = ps.split(model, {"transformer.wte": ps.rows({(0, 500): FROZEN}),
                              "transformer.h.*.attn.c_attn": ps.cols({(0, 16): {"lr": 0.1}})})
     plain = ps.merge(sm)
-    assert type(plain) is type(model)
-    assert [type(m) for m in plain.modules()] == [type(m) for m in model.modules()]
+    assert plain is sm is model  # a split model is the plain model
+    assert [type(m) for m in plain.modules()] == [type(m) for m in ref.modules()]
     assert plain.lm_head.weight is plain.transformer.wte.weight
+    assert_params_equal(ref, plain)
     plain.eval()
-    model.eval()
+    ref.eval()
     ids = _ids()
-    assert torch.equal(plain(ids).logits, model(ids).logits)
+    assert torch.equal(plain(ids).logits, ref(ids).logits)

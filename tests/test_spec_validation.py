@@ -22,21 +22,28 @@ from paramsplit._spec import MAX_REGIONS, _known_options, _resolve
 
 
 def _split_fails(model, spec, pattern):
-    """``split`` raises a SpecError matching ``pattern`` and leaves ``model`` as it was."""
+    """``split`` raises a SpecError matching ``pattern`` and leaves ``model`` as it was: the same
+    parameter objects, values and requires_grad, and nothing planned."""
     before = copy.deepcopy(model.state_dict())
     classes = [type(m) for m in model.modules()]
+    params = [(n, p, p.requires_grad) for n, p in model.named_parameters()]
     with pytest.raises(SpecError, match=pattern) as info:
         paramsplit.split(model, spec)
     assert [type(m) for m in model.modules()] == classes
+    assert [(n, p, p.requires_grad) for n, p in model.named_parameters()] == params
     assert model.state_dict().keys() == before.keys()
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+    assert paramsplit.describe(model).splitlines()[1:] == []
     return str(info.value)
 
 
 def _same_forward(model, spec, x):
+    """Split ``model``; it is returned itself and computes what a copy of it, unsplit, does."""
+    ref = copy.deepcopy(model)
     split_model, groups = paramsplit.split(model, spec)
-    assert torch.equal(split_model(x), model(x))
+    assert split_model is model
+    assert torch.equal(split_model(x), ref(x))
     return split_model, groups
 
 
@@ -114,9 +121,11 @@ def test_zero_size_parameter_is_whole(n_in, n_out, plan):
     (target,) = _resolve(model, {"0": plan})
     assert target.param.numel() == 0
     assert all(r.numel == 0 for r in target.regions) and len(target.regions) == 1
-    if target.regions[0].options is not None:  # a FROZEN one stays a single frozen part
-        assert target.kind == "whole"
-    _same_forward(model, {"0": plan}, torch.randn(3, n_in))
+    assert target.kind == "whole"  # nothing to split
+    split_model, groups = _same_forward(model, {"0": plan}, torch.randn(3, n_in))
+    frozen = target.regions[0].options is None
+    assert split_model[0].weight.requires_grad == (not frozen)
+    assert any(p is split_model[0].weight for g in groups for p in g["params"]) == (not frozen)
 
 
 def test_zero_size_rows_of_different_options_keep_the_defaults():

@@ -1,0 +1,411 @@
+"""The step synchronisation: parts and weights meet once per optimizer step, nowhere else.
+
+The model keeps its parameters. For each split parameter (the *weight*) paramsplit makes parts,
+one per trained region, and puts them, together with the weight, in the param groups. Between
+steps, the gradient lives in one place, ``weight.grad``, where backward, DDP, FSDP,
+``clip_grad_norm_(model.parameters())``, ``GradScaler.unscale_`` and ``optimizer.zero_grad()``
+find it (the optimizer holds the weight too). Two global optimizer-step hooks do the rest:
+
+* before a step: check the weight is still the model's (else rebind or raise), bring its values
+  into the parts (``cols``/``mask``: a gather; ``rows`` parts are views of it), give the parts
+  their share of ``weight.grad``, and hide ``weight.grad`` from the optimizer for the step;
+* after a step: write the parts back into the weight (``cols``/``mask``: a scatter), give the
+  weight its gradient back, and drop the parts' gradients.
+
+Optimizers that hold no parts pay one dictionary lookup per step.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+from ._layout import _Layout, _layout
+from ._spec import _Region, _Target
+
+_DATA = torch._C.TensorBase.data  # the plain ``.data`` descriptor; see _Part
+
+
+class _Part(nn.Parameter):
+    """A part: one trained region of a split weight, held by the optimizer only.
+
+    It is an ordinary ``nn.Parameter`` except that assigning its ``.data`` raises: engines that
+    flatten the optimizer's parameters into buffers of their own (DeepSpeed ZeRO) would then
+    step the weight as a whole and ignore the regions, silently. paramsplit moves a part's
+    storage itself, through ``_DATA``.
+    """
+
+    @property
+    def data(self) -> Tensor:  # type: ignore[override]
+        return _DATA.__get__(self)
+
+    @data.setter
+    def data(self, value: Tensor) -> None:
+        split, i = getattr(self, _PART)
+        raise RuntimeError(
+            f"paramsplit: something replaced the storage of a part of {split.name!r} (region "
+            f"{split.regions[split.layout.trained[i]].label!r}): an engine that flattens the "
+            f"optimizer's parameters into its own buffers, such as DeepSpeed ZeRO (stages 1-3), "
+            f"would step {split.name!r} as a whole and ignore its regions. paramsplit does not "
+            f"support that: use DistributedDataParallel, FSDP2 (fully_shard) or DeepSpeed "
+            f"without ZeRO (stage 0).")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:  # a copy of an optimizer holds plain tensors
+        return nn.Parameter, (_DATA.__get__(self), self.requires_grad)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> nn.Parameter:
+        out = nn.Parameter(_DATA.__get__(self).clone(), self.requires_grad)
+        memo[id(self)] = out
+        return out
+
+
+#: Group key holding the fingerprints of the parts a group was made with (see ``_groups``).
+LAYOUT_KEY = "paramsplit_layout"
+_PART = "_paramsplit_part"  # attribute of a part: (its _Split, its index)
+
+#: model given to split -> its _Splits by first name; a _Split lives as long as its model (or
+#: an optimizer holding its parts)
+_ROOTS: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+class _Registry:
+    """weight -> its live _Split. Weights are never weakly referenced (``torch.utils.
+    swap_tensors``, which ``module.to()`` uses for DTensors, refuses tensors with weak
+    references); entries point weakly to the _Split, which holds its weight."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, weakref.ref[_Split]] = {}
+
+    def get(self, weight: Any) -> _Split | None:
+        ref = self._by_id.get(id(weight))
+        split = ref() if ref is not None else None
+        return split if split is not None and split.weight is weight else None
+
+    def __getitem__(self, weight: Any) -> _Split:
+        split = self.get(weight)
+        if split is None:
+            raise KeyError("paramsplit: this tensor is not a planned parameter")
+        return split
+
+    def __setitem__(self, weight: Any, split: _Split) -> None:
+        if len(self._by_id) > 64 and len(self._by_id) % 64 == 0:  # drop dead entries now and then
+            self._by_id = {k: r for k, r in self._by_id.items() if r() is not None}
+        self._by_id[id(weight)] = weakref.ref(split)
+
+    def pop(self, weight: Any) -> None:
+        if self.get(weight) is not None:
+            del self._by_id[id(weight)]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+
+_SPLITS = _Registry()
+
+
+def _register(root: nn.Module, split: _Split) -> None:
+    old = _SPLITS.get(split.weight)
+    if old is not None:
+        _ROOTS.get(old.root(), {}).pop(old.name, None)
+    _SPLITS[split.weight] = split
+    _ROOTS.setdefault(root, {})[split.name] = split
+
+
+def _take_over(model: nn.Module) -> None:
+    """Let the splits of ``model`` (and of its submodules) take over replaced weights."""
+    for module in model.modules():
+        for split in list(_ROOTS.get(module, {}).values()):
+            split.current()
+
+
+class _Split:
+    """One planned parameter of a model: where it lives, its regions and (when split) its parts."""
+
+    def __init__(self, root: nn.Module, names: list[str], target: _Target) -> None:
+        self.root = weakref.ref(root)
+        self.names = names  # every name of the weight in root (tied parameters have several)
+        self.name = names[0]
+        self.regions: list[_Region] = target.regions
+        self.label = target.kind
+        self.layout: _Layout | None = None if target.kind == "whole" else _layout(target)
+        self._active = self.layout  # the layout of the tensor the parts cut: see _local
+        self.weight: Tensor = target.param
+        self.parts: list[nn.Parameter] = []
+        self._stash: Tensor | None = None
+        self._links: list[tuple[dict[str, Any], str, Any]] = []  # see current()
+        if self.layout is not None:
+            self._make_parts(target.param)
+
+    @property
+    def part_options(self) -> list[dict[str, Any]]:
+        assert self.layout is not None
+        return [self.regions[i].options or {} for i in self.layout.trained]
+
+    def part_digest(self, i: int) -> str:
+        assert self.layout is not None
+        return f"{self.layout.digest}:{i}"
+
+    def _make_parts(self, weight: Tensor) -> None:
+        """Parts with the weight's current values; existing parts are pointed at them (the
+        optimizer holds them and keys its state by them) or, across device types (meta to
+        cpu), replaced in every optimizer that holds them."""
+        local, self._active = self._local(weight)
+        with torch.no_grad():
+            values = self._active.parts_from(local)
+        old = self.parts
+        self.parts = []
+        for i, v in enumerate(values):
+            if old and old[i].device.type == v.device.type:
+                _DATA.__set__(old[i], v)
+                part = old[i]
+            else:
+                part = _Part(v, requires_grad=True)
+                setattr(part, _PART, (self, i))
+                if old:
+                    _replace_in_optimizers(old[i], part)
+            self.parts.append(part)
+
+    def _local(self, t: Tensor) -> tuple[Tensor, _Layout]:
+        """The tensor the parts cut (``t``, or this rank's shard of a DTensor such as FSDP2's)
+        and its layout. Shards must be blocks of rows (``Shard(0)``, any ``Replicate``)."""
+        assert self.layout is not None
+        if not _is_wrapper(t):
+            return t, self.layout
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        if not isinstance(t, DTensor):
+            raise RuntimeError(f"paramsplit: parameter {self.name!r} is a {type(t).__name__}; "
+                               f"paramsplit steps plain tensors and DTensors only")
+        local = t.to_local()
+        shards = [i for i, pl in enumerate(t.placements) if isinstance(pl, Shard)]
+        if (any(not isinstance(pl, (Shard, Replicate)) for pl in t.placements) or len(shards) > 1
+                or any(t.placements[i].dim != 0 for i in shards)):
+            raise RuntimeError(f"paramsplit: parameter {self.name!r} is a DTensor placed as "
+                               f"{t.placements}; paramsplit supports shards of dim 0 (FSDP2's "
+                               f"fully_shard) and replicas")
+        n = self.layout.shape[0]
+        start, stop = 0, n
+        if shards:
+            k = t.device_mesh.size(shards[0])
+            chunk = -(-n // k)
+            start = min(t.device_mesh.get_local_rank(shards[0]) * chunk, n)
+            stop = min(start + chunk, n)
+        if local.shape[0] != stop - start:
+            raise RuntimeError(f"paramsplit: the shard of {self.name!r} on this rank has "
+                               f"{local.shape[0]} rows, expected {stop - start} (torch.chunk)")
+        if self._active is not None and self._active.shape == tuple(local.shape) and (
+                start, stop) == getattr(self._active, "rows", None):
+            return local, self._active
+        layout = self.layout.local(start, stop) if (start, stop) != (0, n) else self.layout
+        layout.rows = (start, stop)  # type: ignore[attr-defined]
+        return local, layout
+
+    # -- the weight in the model ----------------------------------------------------------------
+
+    def current(self) -> Tensor:
+        """The weight the model uses now. A weight replaced by one of the same shape (an
+        ``assign=True`` load, ``to_empty``, pruning's reparametrisation) is taken over; one that
+        cannot be raises, naming the parameter and the remedy."""
+        if self._links and all(d.get(k) is v for d, k, v in self._links):
+            return self.weight  # every module on the way to every name is still in place
+        weight = self._find()
+        self._links = _links(self.root(), self.names)
+        return weight
+
+    def _find(self) -> Tensor:
+        weight, root = self.weight, self.root()
+        if root is None:  # the model is gone; the optimizer still holds the weight
+            return weight
+        found: list[Any] = []
+        for name in self.names:
+            mname, _, attr = name.rpartition(".")
+            try:
+                module = root.get_submodule(mname)
+            except AttributeError:
+                found.append(None)
+                continue
+            held = module._parameters.get(attr)
+            if held is not weight and not any(q is weight for q in module._parameters.values()):
+                found.append(held)
+        if not found:
+            return weight
+        new = found[0]
+        if (len(found) == len(self.names) and all(f is new for f in found)
+                and isinstance(new, nn.Parameter) and tuple(new.shape) == self._shape()
+                and new.is_floating_point()):
+            self._rebind(new)
+            return new
+        what = ("is no longer in the model" if new is None else
+                f"was replaced by a tensor of shape {tuple(new.shape)} and dtype {new.dtype}"
+                if isinstance(new, Tensor) else f"was replaced by {type(new).__name__}")
+        if len(found) < len(self.names):
+            what = "was replaced under some of its names only (its tie was broken)"
+        raise RuntimeError(
+            f"paramsplit: parameter {self.name!r} {what} after split, so the optimizer would "
+            f"step a stale copy. Split the model again (paramsplit.split(model, spec)) and build "
+            f"a new optimizer from the groups it returns (or from paramsplit.param_groups(model)); "
+            f"paramsplit.merged_optimizer_state carries the optimizer state across.")
+
+    def _shape(self) -> tuple[int, ...]:
+        return self.layout.shape if self.layout is not None else tuple(self.weight.shape)
+
+    def _rebind(self, new: nn.Parameter) -> None:
+        old = self.weight
+        _SPLITS.pop(old)
+        _replace_in_optimizers(old, new)
+        self.weight = new
+        _SPLITS[new] = self
+        if self.layout is not None:
+            self._make_parts(new)
+
+    # -- around an optimizer step ---------------------------------------------------------------
+
+    def before_step(self) -> None:
+        """Parts take the weight's values and their share of its gradient, which the optimizer
+        then does not see (called under ``torch.no_grad()``)."""
+        weight = self.current()
+        if weight.shape != self.layout.shape:
+            raise RuntimeError(
+                f"paramsplit: parameter {self.name!r} has shape {tuple(weight.shape)} now, "
+                f"{self.layout.shape} when it was split (resized in place, or flattened by an "
+                f"engine such as FSDP1 or DeepSpeed, which paramsplit does not support), so its "
+                f"regions no longer fit. Split the model again (paramsplit.split(model, spec)) "
+                f"and build a new optimizer from the groups it returns.")
+        plain = not _is_wrapper(weight)
+        local, layout = (weight, self.layout) if plain else self._local(weight)
+        if layout is not self._active or not layout.load(local, self.parts):
+            self._make_parts(weight)
+        grad = self._stash = weight.grad
+        if grad is None:
+            for p in self.parts:
+                p.grad = None
+            return
+        for p, g in zip(self.parts, self._active.grads(grad if plain else grad.to_local())):
+            p.grad = g
+        weight.grad = None  # the optimizer steps the parts, not the weight
+
+    def after_step(self) -> None:
+        """The weight takes the parts' values and its gradient back (under ``no_grad``)."""
+        weight = self.weight
+        self._active.store(weight.to_local() if _is_wrapper(weight) else weight, self.parts)
+        if self._stash is not None:
+            weight.grad, self._stash = self._stash, None
+            for p in self.parts:
+                p.grad = None
+
+
+def _links(root: nn.Module | None, names: list[str]) -> list[tuple[dict[str, Any], str, Any]]:
+    """``(dict, key, value)`` for every module and parameter on the way from ``root`` to each
+    name: while each ``dict[key] is value``, every name still holds what it held."""
+    out: list[tuple[dict[str, Any], str, Any]] = []
+    for name in names if root is not None else ():
+        module: Any = root
+        *path, attr = name.split(".")
+        for key in path:
+            child = module._modules.get(key)
+            if child is None:
+                return []
+            out.append((module._modules, key, child))
+            module = child
+        out.append((module._parameters, attr, module._parameters.get(attr)))
+    return out
+
+
+def _replace_in_optimizers(old: Tensor, new: Tensor) -> None:
+    """Put ``new`` where ``old`` is in the param groups (and state) of every optimizer seen."""
+    for opt in list(_CACHE.keys()):
+        for g in opt.param_groups:
+            g["params"] = [new if p is old else p for p in g["params"]]
+        if old in opt.state:
+            opt.state[new] = opt.state.pop(old)
+
+
+def _is_wrapper(t: Tensor) -> bool:
+    """Whether ``t`` is a wrapper tensor subclass such as FSDP2's DTensor."""
+    return type(t) is not nn.Parameter and type(t) is not Tensor and \
+        is_traceable_wrapper_subclass(t)
+
+
+# -- the optimizer-step hooks ------------------------------------------------------------------
+
+_CACHE: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[_Split]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _signature(optimizer: torch.optim.Optimizer) -> tuple[tuple[int, int], ...]:
+    return tuple((id(g), len(g["params"])) for g in optimizer.param_groups)
+
+
+def _splits_of(optimizer: torch.optim.Optimizer) -> list[_Split]:
+    """The splits whose parts ``optimizer`` holds, checked once per change of its groups."""
+    signature = _signature(optimizer)
+    cached = _CACHE.get(optimizer)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    splits: dict[int, _Split] = {}
+    held: set[int] = set()
+    for g in optimizer.param_groups:
+        fingerprints = g.get(LAYOUT_KEY)
+        for p in g["params"]:
+            held.add(id(p))
+            tag = getattr(p, _PART, None)
+            if tag is None:
+                continue
+            split, i = tag
+            splits[id(split)] = split
+            if fingerprints is not None and split.part_digest(i) not in fingerprints:
+                raise RuntimeError(
+                    f"paramsplit: param group {g.get('name', '?')!r} of this optimizer was saved "
+                    f"(optimizer.state_dict()) for parameters split another way, so its state "
+                    f"would land on the wrong elements of {split.name!r}. Split the model with "
+                    f"the spec of the run that saved it, or carry the state with "
+                    f"paramsplit.merged_optimizer_state / load_merged_optimizer_state.")
+    for split in splits.values():
+        if id(split.weight) not in held:
+            raise RuntimeError(
+                f"paramsplit: this optimizer steps parts of {split.name!r} but does not hold "
+                f"{split.name!r} itself, which carries their gradient between steps (and is "
+                f"cleared by optimizer.zero_grad()). Keep the parameters of paramsplit's groups "
+                f"together in one optimizer (regrouping them within it is fine).")
+    unsplit = [s.name for g in optimizer.param_groups for p in g["params"]
+               if (s := _SPLITS.get(p)) is not None and s.parts and id(s) not in splits
+               and p.requires_grad]
+    if unsplit:
+        warnings.warn(
+            f"paramsplit: this optimizer steps {', '.join(repr(n) for n in unsplit)} as whole "
+            f"tensors, ignoring the region options paramsplit.split was given for them: it was "
+            f"not built from paramsplit's groups. Build it as `torch.optim.AdamW(groups, ...)` "
+            f"with the groups paramsplit.split returned (or paramsplit.param_groups(model)).",
+            stacklevel=4)
+    result = list(splits.values())
+    _CACHE[optimizer] = (signature, result)
+    return result
+
+
+def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if len(_SPLITS) and not torch.compiler.is_compiling():
+        splits = _splits_of(optimizer)
+        with torch.no_grad():
+            for split in splits:
+                split.before_step()
+
+
+def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    if len(_SPLITS) and not torch.compiler.is_compiling():
+        cached = _CACHE.get(optimizer)
+        with torch.no_grad():
+            for split in cached[1] if cached is not None else ():
+                split.after_step()
+
+
+register_optimizer_step_pre_hook(_pre_step)
+register_optimizer_step_post_hook(_post_step)

@@ -1,0 +1,263 @@
+"""Tools that walk the model see the original model: EMA code, ``AveragedModel``, meta loading,
+``fx``, ``jit``, pruning, Hugging Face tying and resizing, ``inference_mode``; a weight replaced
+behind paramsplit's back is taken over or refused at the next step, never stepped stale; the
+optimizer checks warn or raise only when true."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import paramsplit as ps
+from test_gradients import KINDS, assert_equal_models, batches, loss_fn, make_model, pair, spec_of
+
+
+def train(model, opt, data, after_step=None):
+    for xy in data:
+        opt.zero_grad()
+        loss_fn(model, xy).backward()
+        opt.step()
+        if after_step is not None:
+            after_step(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ema_swapping_weights_through_p_data_lands(kind):
+    """EMA libraries swap averaged weights in with ``p.data.copy_`` (no version bump) for an
+    evaluation, then swap the training weights back; writes between steps must land."""
+    model, opt, ref, ref_opt, fix = pair(kind)
+    ema = [p.detach().clone() for p in model.parameters()]
+    ref_ema = [p.detach().clone() for p in ref.parameters()]
+    for xy in batches(4):
+        for m, o, avg in ((model, opt, ema), (ref, ref_opt, ref_ema)):
+            o.zero_grad()
+            loss_fn(m, xy).backward()
+            o.step()
+            with torch.no_grad():
+                for p, e in zip(m.parameters(), avg):
+                    e.lerp_(p, 0.5)
+                backup = [p.detach().clone() for p in m.parameters()]
+                for p, e in zip(m.parameters(), avg):  # swap in, evaluate, swap back
+                    p.data.copy_(e)
+                m(xy[0])
+                for p, b in zip(m.parameters(), backup):
+                    p.data.copy_(b)
+                # and a hand-written update through .data between steps
+                for p in m.parameters():
+                    p.data.mul_(0.999)
+        fix()
+        assert_equal_models(model, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_averaged_model_with_buffers_of_a_split_model(kind):
+    model, opt, ref, ref_opt, fix = pair(kind)
+    avg = torch.optim.swa_utils.AveragedModel(model, use_buffers=True)
+    ref_avg = torch.optim.swa_utils.AveragedModel(ref, use_buffers=True)
+    for xy in batches(3):
+        train(model, opt, [xy])
+        train(ref, ref_opt, [xy])
+        fix()
+        avg.update_parameters(model)
+        ref_avg.update_parameters(ref)
+    assert_equal_models(avg.module, ref_avg.module)
+    assert [n for n, _ in avg.named_buffers()] == [n for n, _ in ref_avg.named_buffers()]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_meta_model_split_then_load_state_dict_assign(kind):
+    """Current transformers' loading path: build on meta, split, ``load_state_dict(assign=True)``
+    (which replaces every parameter object), then build the optimizer, as with any model, from
+    the loaded parameters: ``param_groups(model)`` keeps every plan, whole ones included."""
+    _, _, ref, ref_opt, _ = pair(kind)
+    with torch.device("meta"):
+        model = make_model()
+    spec = {**spec_of(kind), "0.bias": {"weight_decay": 0.05}, "2.weight": {}, "2.bias": {}}
+    model, groups = ps.split(model, spec)
+    model.load_state_dict(ref.state_dict(), assign=True)
+    groups = ps.param_groups(model)
+    assert [g["name"] for g in groups] == ["default", "weight_decay=0.05"]
+    opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.05, foreach=False)
+    for xy in batches(3):
+        train(model, opt, [xy])
+        train(ref, ref_opt, [xy])
+        assert_equal_models(model, ref)
+    assert all(p.device.type == "cpu" for g in opt.param_groups for p in g["params"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fx_symbolic_trace_of_a_split_model_trains(kind):
+    model, opt, ref, ref_opt, fix = pair(kind)
+    traced = torch.fx.symbolic_trace(model)
+    for xy in batches(3):
+        train(traced, opt, [xy])
+        train(ref, ref_opt, [xy])
+        fix()
+        assert_equal_models(model, ref)
+        assert_equal_models(traced, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_jit_trace_get_parameter_and_inference_mode(kind):
+    model, opt, ref, ref_opt, fix = pair(kind)
+    train(model, opt, batches(2))
+    train(ref, ref_opt, batches(2))
+    fix()
+    x = batches(1, seed=5)[0][0]
+    traced = torch.jit.trace(model, x)
+    assert torch.equal(traced(x), ref(x))
+    assert model.get_parameter("0.weight") is model[0].weight
+    with torch.inference_mode():
+        assert torch.equal(model(x), ref(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prune_after_split_trains_the_pruned_weight(kind):
+    """``prune`` moves the weight to ``weight_orig`` (the same tensor) and reads it through a
+    mask; ``prune.remove`` puts a new parameter back, which the next step takes over."""
+    from torch.nn.utils import prune
+
+    model, opt, ref, ref_opt, fix = pair(kind)
+    amount = 3
+    prune.l1_unstructured(model[0], "weight", amount=amount)
+    prune.l1_unstructured(ref[0], "weight", amount=amount)
+    for xy in batches(3):
+        train(model, opt, [xy])
+        train(ref, ref_opt, [xy])
+        fix()
+        assert torch.equal(model[0].weight, ref[0].weight)
+    prune.remove(model[0], "weight")
+    prune.remove(ref[0], "weight")
+    for xy in batches(2, seed=3):
+        train(model, opt, [xy])
+        train(ref, ref_opt, [xy])
+        fix()
+        assert_equal_models(model, ref)
+
+
+def test_prune_before_split_splits_weight_orig():
+    from torch.nn.utils import prune
+
+    model, ref = make_model(), make_model()  # deepcopy of a pruned model fails in torch
+    for m in (model, ref):
+        torch.manual_seed(3)
+        prune.random_unstructured(m[0], "weight", amount=0.3)
+    model, groups = ps.split(model, {"0.weight_orig": ps.rows({(0, 4): {"weight_decay": 0.05},
+                                                                (4, None): {}})})
+    opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.05, foreach=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.05, foreach=False)
+    for xy in batches(3):
+        train(model, opt, [xy])
+        train(ref, ref_opt, [xy])
+        assert_equal_models(model, ref)
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols", "mask"])
+@pytest.mark.parametrize("how", ["data", "to_empty", "to_dtype"])
+def test_weight_storage_replaced_after_split_is_taken_over(kind, how):
+    model, opt, ref, ref_opt, fix = pair(kind)
+    train(model, opt, batches(1))
+    train(ref, ref_opt, batches(1))
+    fix()
+    values = copy.deepcopy(ref.state_dict())
+    for m in (model, ref):
+        if how == "data":
+            m[0].weight.data = m[0].weight.detach().clone() * 0.5
+        elif how == "to_empty":
+            m.to_empty(device="cpu")
+            m.load_state_dict(values)
+        else:
+            m.double()
+    for o in (opt, ref_opt):
+        if how == "to_dtype":  # as for an unsplit model: the optimizer state follows by hand
+            for state in o.state.values():
+                for k, v in state.items():
+                    if torch.is_tensor(v) and v.is_floating_point() and v.dim():
+                        state[k] = v.double()
+    data = [(x.to(m[0].weight.dtype), y.to(m[0].weight.dtype)) for x, y in batches(2, seed=4)]
+    for xy in data:
+        train(model, opt, [xy])
+        train(ref, ref_opt, [xy])
+        fix()
+        assert_equal_models(model, ref)
+
+
+def test_replaced_by_another_shape_raises_naming_the_parameter_and_the_remedy():
+    model, opt, _, _, _ = pair("mask")
+    train(model, opt, batches(1))
+    model[0] = nn.Linear(12, 9)  # same shape: taken over
+    train(model, opt, batches(1))
+    model[0], model[2] = nn.Linear(12, 10), nn.Linear(10, 3)
+    with pytest.raises(RuntimeError, match=r"paramsplit: parameter '0.weight' was replaced .*"
+                                           r"shape \(10, 12\).*paramsplit.split"):
+        train(model, opt, batches(1))
+
+
+def test_hf_tie_weights_and_resize_token_embeddings_after_split():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model, groups = ps.split(model, {"transformer.wte": ps.rows({(0, 60): ps.FROZEN})})
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    ids = torch.randint(0, 64, (2, 8))
+    before = model.transformer.wte.weight[:60].detach().clone()
+
+    def step():
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+
+    step()
+    model.tie_weights()  # ties what is tied already: nothing changes
+    step()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert torch.equal(model.transformer.wte.weight[:60], before)
+    model.resize_token_embeddings(70)
+    with pytest.raises(RuntimeError, match=r"transformer.wte.weight.*shape \(70, 32\)"):
+        step()
+
+
+def test_warning_only_for_an_optimizer_not_built_from_the_groups():
+    model, _, _, _, _ = pair("cols")
+    groups = ps.param_groups(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = torch.optim.AdamW(groups, lr=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 * (s + 1))  # warmup
+        train(model, opt, batches(2), after_step=lambda m: sched.step())
+        # regrouping the groups' tensors by ndim within one optimizer is legitimate
+        params = [p for g in ps.param_groups(model) for p in g["params"]]
+        regrouped = torch.optim.AdamW([{"params": [p for p in params if p.dim() == 2]},
+                                       {"params": [p for p in params if p.dim() < 2],
+                                        "weight_decay": 0.0}], lr=0.05)
+        train(model, regrouped, batches(2))
+    plain = torch.optim.AdamW(model.parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match="paramsplit: this optimizer steps '0.weight' as whole"):
+        train(model, plain, batches(1))
+
+
+def test_parts_without_their_weight_in_the_optimizer_raise():
+    model, _, _, _, _ = pair("mask")
+    split = ps._sync._SPLITS[model[0].weight]
+    opt = torch.optim.AdamW(split.parts, lr=0.05)
+    with pytest.raises(RuntimeError, match="steps parts of '0.weight' but does not hold"):
+        train(model, opt, batches(1))
+
+
+def test_optimizer_state_of_another_layout_is_refused_at_the_first_step():
+    model, opt, _, _, _ = pair("mask")
+    train(model, opt, batches(1))
+    saved = opt.state_dict()
+    other = make_model()
+    mask = torch.rand(9, 12, generator=torch.Generator().manual_seed(7)) > 0.5
+    other, groups = ps.split(other, {"0": ps.Regions(mask, {True: {"weight_decay": 0.05},
+                                                             False: {}})})
+    opt2 = torch.optim.AdamW(groups, lr=0.05)
+    opt2.load_state_dict(saved)  # same counts and shapes: torch cannot tell
+    with pytest.raises(RuntimeError, match="saved .* for parameters split another way"):
+        train(other, opt2, batches(1))
