@@ -26,8 +26,8 @@ SPARSE_RIVAL = "shira"  # ... and is faster than PEFT's SHiRA at every batch
 MANY_TARGETS = {"rows": 1.02, "cols": 1.05, "mask": 1.05, "sparse_1": 1.05}
 #: The layout paramsplit is meant to pick for a split variant (checked in the sparse and many
 #: tables, where the target depends on it)
-LAYOUTS = {"rows": "rows", "cols": "cols", "mask": "mask", "sparse_1": "sparse",
-           "sparse_10": "sparse"}
+LAYOUTS = {"rows": "rows", "cols": "cols", "mask": "mask", "decay": "decay",
+           "sparse_1": "sparse", "sparse_10": "sparse"}
 
 
 def _checks(case: Any, batch: int, variant: str, samples: dict[str, list[float]],

@@ -20,6 +20,13 @@ comma-separated). The floors (``cols_floor``, ``mask_floor``) are the unsplit mo
 the copies a split of that layout cannot avoid; see ``_floors``. In the ``generate`` table the
 mask split's floor is the unsplit model itself (0.3 runs no paramsplit code in the forward).
 
+The ``rows`` / ``cols`` / ``forum`` / ``mask`` plans differ only in ``weight_decay``, so they split
+with ``per_element_decay=False``: they measure the parts mechanism (rows' views, the gathers and
+scatters of cols and masks). ``decay`` measures the other one, the default for such plans: the
+weight kept whole in one group with ``weight_decay=0``, each element decayed by paramsplit's
+optimizer-step hook (the ``decay`` layout); like rows it copies nothing, so its floor is the
+unsplit step.
+
 The ``sparse`` table (sparse fine-tuning, project issue 12) has its own group, judged against
 ``full_ft`` (full fine-tuning: the unsplit layer, AdamW over all of it, weight_decay
 ``WD_SPARSE`` on the weight); at 1% and 10% trainable, a random bool mask with a fixed seed per
@@ -40,8 +47,9 @@ split weight:
                        adapter's values; the bias stays frozen). Only with ``peft`` installed.
 
 The ``many`` table (48 small weights of a 12-layer GPT-2) times ``baseline`` (unsplit; also full
-fine-tuning), ``rows``, ``cols``, ``mask`` (50%), ``sparse_1`` (1% of every weight trained, the
-rest FROZEN), ``penalty`` and ``hooks``, every ratio over the unsplit step (``REFERENCE``).
+fine-tuning), ``rows``, ``cols``, ``mask`` (50%), ``decay``, ``sparse_1`` (1% of every weight
+trained, the rest FROZEN), ``penalty`` and ``hooks``, every ratio over the unsplit step
+(``REFERENCE``).
 """
 
 from __future__ import annotations
@@ -127,8 +135,9 @@ def baseline(s: Setup) -> Prepared:
     return Prepared(s.model, _unsplit_groups(s, WD_HI))
 
 
-def _split(s: Setup, spec: Any) -> Prepared:
-    model, groups = paramsplit.split(s.model, spec)
+def _split(s: Setup, spec: Any, per_element_decay: bool = False) -> Prepared:
+    """``paramsplit.split``; with parts unless ``per_element_decay`` (see the module's doc)."""
+    model, groups = paramsplit.split(s.model, spec, per_element_decay=per_element_decay)
     assert model is s.model  # 0.3: the model itself, unchanged
     if s.device.type != "cpu":
         model.to(s.device)
@@ -157,6 +166,13 @@ def cols(s: Setup) -> Prepared:
 def mask(s: Setup) -> Prepared:
     opts = {0: {"weight_decay": WD_LO}, 1: {"weight_decay": WD_HI}}
     return _split(s, {n: paramsplit.Regions(m, opts) for n, m in s.random_masks().items()})
+
+
+def decay(s: Setup) -> Prepared:
+    """A tensor of weight decays (``WD_HI`` on the random 50% mask, ``WD_LO`` elsewhere: the
+    penalty's), the weight kept whole: the decay layout."""
+    spec = {n: torch.where(m, WD_HI, WD_LO) for n, m in s.random_masks().items()}
+    return _split(s, spec, per_element_decay=True)
 
 
 def forum(s: Setup) -> Prepared:
@@ -336,6 +352,9 @@ _ALL = (
     Variant("mask_floor", None, "unsplit + index_select of the values, index_select of the "
             "gradient, index_copy_ back, sorting by the mask", _floor(mask_floor)),
     Variant("mask", "mask_floor", "paramsplit.Regions: a random 50% mask", mask),
+    Variant("decay", "baseline", "per-element weight_decay, a tensor of decays on the random 50% "
+            "mask: the weight kept whole, decayed by paramsplit's step hook (the decay layout)",
+            decay),
     Variant("penalty", None, "masked L2 penalty on the loss (the forum answer)", penalty),
     Variant("hooks", None, "gradient hooks zeroing half of each gradient", hooks),
     Variant("parametrize", None, "torch parametrize: cat of 2 row blocks", parametrized),
@@ -367,7 +386,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "gpt2": tuple(v.name for v in _ALL if v.name != "forum"),
     "generate": ("baseline", "mask"),
     "sparse": tuple(v.name for v in _SPARSE if v.name != "shira" or have_peft()),
-    "many": ("baseline", "rows", "cols", "mask", "sparse_1", "penalty", "hooks"),
+    "many": ("baseline", "rows", "cols", "mask", "decay", "sparse_1", "penalty", "hooks"),
 }
 #: Per kind, the variant the others' ``x`` ratios are taken over.
 REFERENCE: dict[str, str] = {"linear": "baseline", "gpt2": "baseline", "generate": "baseline",
@@ -377,7 +396,7 @@ REFERENCE: dict[str, str] = {"linear": "baseline", "gpt2": "baseline", "generate
 #: (``_report.MANY_TARGETS``), not against floors.
 _FLOORS: dict[str, dict[str, str | None]] = {
     "generate": {"mask": "baseline"},
-    "many": {"rows": None, "cols": None, "mask": None},
+    "many": {"rows": None, "cols": None, "mask": None, "decay": None},
 }
 
 

@@ -4,14 +4,16 @@
     python benchmarks/phases.py [--device cuda] [--batch 8] [--rounds 200]
 
 ``nn.Linear(1024, 4096)``, AdamW (foreach), unsplit against ``rows`` / ``cols`` / ``mask`` splits
-(the ``step.py`` plans), each variant on a fresh layer of its own (``paramsplit.split`` registers
-plans for the parameters it is given). Each phase is bracketed by ``torch.cuda.synchronize()`` on
-CUDA; the variants are timed interleaved and each phase's median is printed in ms, with the
-step's ratio to the unsplit one. paramsplit 0.3 runs no code of its own in forward and backward:
-a split's whole cost is in ``opt step``, which includes paramsplit's optimizer-step hooks (the
-gathers and scatters of ``cols`` / ``mask``) and the optimizer's extra param groups and parts. On
-a GPU a small step is bound by kernel launches, and every param group of AdamW launches its own
-kernels.
+(the ``step.py`` plans: their regions differ only in weight_decay, so they split with
+``per_element_decay=False`` to measure the parts) and ``decay`` (the mask's weight decays as a
+tensor, the weight kept whole: the decay layout), each variant on a fresh layer of its own
+(``paramsplit.split`` registers plans for the parameters it is given). Each phase is bracketed by
+``torch.cuda.synchronize()`` on CUDA; the variants are timed interleaved and each phase's median is
+printed in ms, with the step's ratio to the unsplit one. paramsplit 0.3 runs no code of its own in
+forward and backward: a split's whole cost is in ``opt step``, which includes paramsplit's
+optimizer-step hooks (the gathers and scatters of ``cols`` / ``mask``, the per-element decay of
+``decay``) and the optimizer's extra param groups and parts. On a GPU a small step is bound by
+kernel launches, and every param group of AdamW launches its own kernels.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import paramsplit
 
 def _variants(device: torch.device) -> dict[str, tuple[nn.Module, torch.optim.Optimizer]]:
     out = {}
-    for kind in ("unsplit", "rows", "cols", "mask"):
+    for kind in ("unsplit", "rows", "cols", "mask", "decay"):
         torch.manual_seed(0)
         layer = nn.Linear(1024, 4096)
         mask = torch.rand(4096, 1024, generator=torch.Generator().manual_seed(1)) < 0.5
@@ -39,12 +41,14 @@ def _variants(device: torch.device) -> dict[str, tuple[nn.Module, torch.optim.Op
                                      (512, None): {"weight_decay": 0.1}}),
             "mask": paramsplit.Regions(mask, {True: {"weight_decay": 0.01},
                                               False: {"weight_decay": 0.1}}),
+            "decay": torch.where(mask, 0.01, 0.1),
         }.get(kind)
         if plan is None:
             layer.to(device)
             groups = list(layer.parameters())
-        else:
-            layer, _ = paramsplit.split(layer, {"weight": plan})  # the same layer, unchanged
+        else:  # the same layer, unchanged
+            layer, _ = paramsplit.split(layer, {"weight": plan},
+                                        per_element_decay=kind == "decay")
             layer.to(device)
             groups = paramsplit.param_groups(layer)
         out[kind] = (layer, torch.optim.AdamW(groups, lr=1e-3, foreach=True))

@@ -8,7 +8,9 @@ Usage::
 
 The model is ``GPT2LMHeadModel(GPT2Config())`` (n_layer=12, n_embd=768, vocab 50257; random
 weights, nothing is downloaded). The spec splits every 2-D weight (wte, which lm_head ties to,
-wpe, and every c_attn / c_proj / c_fc weight) into 2 row blocks with different weight_decay.
+wpe, and every c_attn / c_proj / c_fc weight) into 2 row blocks with different weight_decay,
+with ``per_element_decay=False``: parts, as described below (without it, regions that differ only
+in weight_decay make no parts at all: the decay layout).
 
 Each repeat runs in a fresh subprocess (so every figure is a cold, first ``split`` in its process)
 with glibc's mmap threshold pinned low (``MALLOC_MMAP_THRESHOLD_``) so that RSS tracks live tensor
@@ -91,7 +93,7 @@ def _worker(profile: bool, threads: int | None, quick: bool = False) -> dict[str
         profiler = cProfile.Profile()
         profiler.enable()
     t0 = time.perf_counter()
-    split_model, groups = paramsplit.split(model, spec)
+    split_model, groups = paramsplit.split(model, spec, per_element_decay=False)
     split_s = time.perf_counter() - t0
     if profiler is not None:
         profiler.disable()

@@ -7,6 +7,7 @@ Example::
 """
 
 from ._spec import FROZEN, Blocks, Regions, SpecError, cols, rows
+from ._resplit import resplit
 from ._split import describe, param_groups, split
 from ._state import (
     load_merged_optimizer_state,
@@ -31,6 +32,7 @@ __all__ = [
     "merged_optimizer_state",
     "merged_state_dict",
     "param_groups",
+    "resplit",
     "rows",
     "split",
 ]

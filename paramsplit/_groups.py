@@ -20,18 +20,19 @@ from typing import Any
 from torch import nn
 
 from ._spec import _options_key, _options_label
+from ._decay import DECAY_GROUP
 from ._sync import _SPLITS, LAYOUT_KEY, _is_wrapper
 
 
 def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    groups: dict[Any, dict[str, Any]] = {(_options_key({}), False): {"name": "default",
-                                                                   "params": [], LAYOUT_KEY: []}}
+    groups: dict[Any, dict[str, Any]] = {(_options_key({}), False, None): {
+        "name": "default", "params": [], LAYOUT_KEY: []}}
 
     def add(p: Any, opts: dict[str, Any], fingerprint: str | None = None,
-            shards: bool = False) -> None:
-        key = (_options_key(opts), shards)
+            shards: bool = False, name: str | None = None) -> None:
+        key = (_options_key(opts), shards, name)
         if key not in groups:
-            name = _options_label(opts) if opts else "default"
+            name = name or (_options_label(opts) if opts else "default")
             groups[key] = {"name": f"{name} (shards)" if shards else name, "params": [], **opts,
                            LAYOUT_KEY: []}
         groups[key]["params"].append(p)
@@ -44,6 +45,8 @@ def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
         split = _SPLITS.get(p)
         if split is None:
             add(p, {})
+        elif split.decay is not None:  # decayed per element by the step hooks, not the group
+            add(p, {"weight_decay": 0.0}, name=DECAY_GROUP)
         elif split.layout is None:
             if split.regions[0].options is not None:
                 add(p, split.regions[0].options)

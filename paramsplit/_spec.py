@@ -231,11 +231,60 @@ def _check_count(key: str, count: int, what: str, hint: str, max_regions: int) -
                          f"pass split(..., max_regions=N)")
 
 
-def _options_key(options: dict[str, Any] | None) -> tuple[tuple[str, str], ...] | None:
-    """A hashable key: regions with equal keys share a sub-parameter and an optimizer group."""
+def _options_key(options: dict[str, Any] | None) -> tuple[tuple[str, Any], ...] | None:
+    """A hashable key: regions with equal keys share a sub-parameter and an optimizer group.
+
+    Values are compared exactly (see :func:`_value_key`), never by how they print: two tensor
+    learning rates that print alike are different options."""
     if options is None:
         return None
-    return tuple(sorted((k, repr(v)) for k, v in options.items()))
+    return tuple(sorted((k, _value_key(v)) for k, v in options.items()))
+
+
+def _value_key(v: Any) -> Any:
+    """A hashable stand-in for one option value; two values get equal keys only if they are
+    exactly equal: floats by value (``-0.0`` apart from ``0.0``; every NaN alike), ``bool``
+    apart from numbers, tensors and numpy arrays by dtype, shape, device and bytes, numpy scalars
+    as their Python value, tuples/lists/dicts item by item, anything else by ``==`` where it is
+    hashable, else by ``repr``."""
+    if isinstance(v, bool):
+        return ("bool", v)
+    if isinstance(v, float):
+        if v != v:
+            return ("float", "nan")
+        if v == 0:
+            return ("float", "-0.0" if math.copysign(1.0, v) < 0 else "+0.0")
+        return ("number", v)
+    if isinstance(v, int):
+        return ("number", v)
+    if isinstance(v, torch.Tensor):
+        return _tensor_key(v)
+    if type(v).__module__ == "numpy" and hasattr(v, "dtype") and hasattr(v, "tobytes"):
+        if type(v).__name__ != "ndarray":  # a numpy scalar: its Python value
+            return _value_key(v.item())
+        return ("ndarray", str(v.dtype), tuple(v.shape), v.tobytes())
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_value_key(x) for x in v))
+    if isinstance(v, (set, frozenset)):
+        return (type(v).__name__, frozenset(_value_key(x) for x in v))
+    if isinstance(v, Mapping):
+        items = [(_value_key(k), _value_key(x)) for k, x in v.items()]
+        return ("mapping", tuple(sorted(items, key=repr)))
+    try:
+        hash(v)
+    except TypeError:
+        return ("repr", type(v).__qualname__, repr(v))
+    return ("object", v)
+
+
+def _tensor_key(t: torch.Tensor) -> Any:
+    """Tensors are equal options if dtype, shape, device and every byte agree."""
+    t = t.detach()
+    head = ("tensor", str(t.dtype), tuple(t.shape), str(t.device))
+    if t.device.type == "meta" or type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
+        return head + (("id", id(t)),)  # no values to compare (meta, a subclass): itself only
+    return head + (bytes(t.cpu().clone(memory_format=torch.contiguous_format)
+                         .untyped_storage()),)
 
 
 def _options_label(options: dict[str, Any] | None) -> str:
@@ -447,6 +496,32 @@ def _module_weight(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def _resolve(model: nn.Module, spec: Spec, max_regions: int = MAX_REGIONS) -> list[_Target]:
     """One validated target per parameter the spec names, in model order; each split into at most
     ``max_regions`` regions."""
+    targets = _targets(model, spec, max_regions)
+    _check_sparse(model, targets)
+    return targets
+
+
+def _check_sparse(model: nn.Module, targets: list[_Target]) -> None:
+    """Refuse to split the weight of an ``Embedding``/``EmbeddingBag`` with ``sparse=True``: its
+    gradient is a sparse tensor, which cannot be cut into regions. A whole-parameter plan (one
+    options dict, or FROZEN) makes no parts and is allowed."""
+    split = {id(t.param): t for t in targets if t.kind != "whole"}
+    if not split:
+        return
+    for mname, module in model.named_modules(remove_duplicate=False):
+        if not (isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse):
+            continue
+        t = split.get(id(module._parameters.get("weight")))
+        if t is not None:
+            raise _fail(t.key, f"parameter {t.name!r} is the weight of module {mname!r} "
+                               f"({type(module).__name__}(..., sparse=True)), whose gradient is a "
+                               f"sparse tensor, which paramsplit cannot split into regions "
+                               f"(layout {t.kind!r}); build {mname!r} with sparse=False (and a dense "
+                               f"optimizer such as AdamW instead of SparseAdam), or give the whole "
+                               f"weight one options dict (no split)")
+
+
+def _targets(model: nn.Module, spec: Spec, max_regions: int) -> list[_Target]:
     if isinstance(max_regions, bool) or not isinstance(max_regions, int) or max_regions < 1:
         raise SpecError(f"max_regions must be a positive int, got {max_regions!r}")
     named = list(model.named_parameters(remove_duplicate=False))

@@ -7,12 +7,12 @@ from typing import Any
 from torch import nn
 
 from ._groups import _param_groups
-from ._spec import MAX_REGIONS, Spec, _options_label, _resolve
+from ._spec import MAX_REGIONS, Spec, SpecError, _options_label, _resolve
 from ._sync import _SPLITS, _register, _Split, _take_over
 
 
-def split(model: nn.Module, spec: Spec, *,
-          max_regions: int = MAX_REGIONS) -> tuple[nn.Module, list[dict[str, Any]]]:
+def split(model: nn.Module, spec: Spec, *, max_regions: int = MAX_REGIONS,
+          per_element_decay: bool = True) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Give regions of ``model``'s parameters their own optimizer options.
 
     Returns ``model`` itself, unchanged (its parameters, names, classes, forward, hooks and state
@@ -30,6 +30,13 @@ def split(model: nn.Module, spec: Spec, *,
     regions (each costs a part and, with distinct options, a param group). Splitting a parameter
     again replaces its plan; optimizers built before keep stepping their own parts.
 
+    A plan whose regions differ only in ``weight_decay`` makes no parts (the ``decay`` layout):
+    the parameter stays whole in a group with ``weight_decay=0``, and each element is decayed
+    at each step the way the optimizer decays (decoupled or coupled; see the README), so
+    optimizers that compute statistics of the whole tensor keep their exact math. An optimizer
+    whose decay paramsplit does not know raises at its first step; ``per_element_decay=False``
+    gives such regions parts instead.
+
     Example::
 
         >>> model = nn.Sequential(nn.Linear(10, 1))
@@ -38,15 +45,34 @@ def split(model: nn.Module, spec: Spec, *,
         ...                                   (5, None): {"weight_decay": 0.1}})})
         >>> opt = torch.optim.AdamW(groups, lr=1e-3)
     """
+    for split_ in _plan(model, spec, max_regions, per_element_decay):
+        _register(model, split_)
+    return model, _param_groups(model)
+
+
+def _plan(model: nn.Module, spec: Spec, max_regions: int,
+          per_element_decay: bool) -> list[_Split]:
+    """Validate ``spec`` (raising before any change) and make one _Split per named parameter;
+    sets ``requires_grad`` of parameters planned FROZEN as a whole (False) or anew (True)."""
     # parameters split froze as a whole may be planned anew: validate them as trainable
     refrozen = [p for p in model.parameters() if not p.requires_grad
                 and (s := _SPLITS.get(p)) is not None and s.layout is None
-                and s.regions[0].options is None]
+                and s.decay is None and s.regions[0].options is None]
     for p in refrozen:
         p.requires_grad_(True)
     targets: list[Any] = []
     try:
         targets = _resolve(model, spec, max_regions)  # all validation, before any change
+        for target in targets:
+            if getattr(target.param, "_fsdp_flattened", False):  # FSDP1's mark on its views
+                raise SpecError(
+                    f"spec[{target.key!r}]: parameter {target.name!r} is a view of FSDP1's flat "
+                    f"parameter (FullyShardedDataParallel wrapped the model), whose shards "
+                    f"paramsplit cannot split; paramsplit does not support FSDP1: use FSDP2 "
+                    f"(fully_shard), after split")
+    except BaseException:
+        targets = []
+        raise
     finally:
         named = {id(t.param) for t in targets}
         for p in refrozen:
@@ -55,11 +81,12 @@ def split(model: nn.Module, spec: Spec, *,
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
+    splits = []
     for target in targets:
-        _register(model, _Split(model, names[id(target.param)], target))
+        splits.append(_Split(model, names[id(target.param)], target, per_element_decay))
         if target.kind == "whole" and target.regions[0].options is None:
             target.param.requires_grad_(False)
-    return model, _param_groups(model)
+    return splits
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from ._decay import DECAY_GROUP, _Decay, _form, _lr, _scale
 from ._layout import _Layout, _layout
 from ._spec import _Region, _Target
 
@@ -50,6 +51,12 @@ class _Part(nn.Parameter):
 
     @data.setter
     def data(self, value: Tensor) -> None:
+        old = _DATA.__get__(self)
+        if (value.data_ptr() == old.data_ptr() and value.shape == old.shape
+                and value.stride() == old.stride() and value.dtype == old.dtype
+                and value.device == old.device):  # e.g. bitsandbytes' p.data = p.data.contiguous()
+            _DATA.__set__(self, value)
+            return
         split, i = getattr(self, _PART)
         raise RuntimeError(
             f"paramsplit: something replaced the storage of a part of {split.name!r} (region "
@@ -58,6 +65,17 @@ class _Part(nn.Parameter):
             f"would step {split.name!r} as a whole and ignore its regions. paramsplit does not "
             f"support that: use DistributedDataParallel, FSDP2 (fully_shard) or DeepSpeed "
             f"without ZeRO (stage 0).")
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes a part does not have
+        split = self.__dict__.get(_PART, (None,))[0]
+        if split is not None and hasattr(split.weight, "ds_id"):
+            raise RuntimeError(
+                f"paramsplit: DeepSpeed ZeRO stage 3 asked a part of {split.name!r} for {name!r}: "
+                f"it partitions the optimizer's tensors into its own buffers, which would step "
+                f"{split.name!r} as a whole and ignore its regions. paramsplit does not support "
+                f"ZeRO: use DistributedDataParallel, FSDP2 (fully_shard) or DeepSpeed without "
+                f"ZeRO (stage 0, fp32).")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __reduce_ex__(self, protocol: Any) -> Any:  # a copy of an optimizer holds plain tensors
         return nn.Parameter, (_DATA.__get__(self), self.requires_grad)
@@ -130,13 +148,20 @@ def _take_over(model: nn.Module) -> None:
 class _Split:
     """One planned parameter of a model: where it lives, its regions and (when split) its parts."""
 
-    def __init__(self, root: nn.Module, names: list[str], target: _Target) -> None:
+    def __init__(self, root: nn.Module, names: list[str], target: _Target,
+                 per_element_decay: bool = True) -> None:
         self.root = weakref.ref(root)
         self.names = names  # every name of the weight in root (tied parameters have several)
         self.name = names[0]
         self.regions: list[_Region] = target.regions
         self.label = target.kind
-        self.layout: _Layout | None = None if target.kind == "whole" else _layout(target)
+        self.decay: _Decay | None = None
+        if per_element_decay and target.kind != "whole" and all(
+                r.options is not None and set(r.options) <= {"weight_decay"}
+                for r in target.regions):
+            self.decay, self.label = _Decay(target), "decay"
+        self.layout: _Layout | None = None if target.kind == "whole" or self.decay else \
+            _layout(target)
         self._active = self.layout  # the layout of the tensor the parts cut: see _local
         self.weight: Tensor = target.param
         self.parts: list[nn.Parameter] = []
@@ -303,6 +328,60 @@ class _Split:
                 p.grad = None
 
 
+class _Decaying:
+    """A weight with per-element decay in one optimizer's param group: decays it around a step
+    the way that optimizer decays (see ``_decay``)."""
+
+    def __init__(self, split: _Split, optimizer: torch.optim.Optimizer,
+                 group: dict[str, Any]) -> None:
+        form = _form(optimizer, group)
+        if form is None:
+            raise RuntimeError(
+                f"paramsplit: {split.name!r} has per-element weight_decay (the 'decay' layout), "
+                f"and paramsplit does not know how {type(optimizer).__name__} applies weight "
+                f"decay{' with maximize=True' if group.get('maximize') else ''}, so it cannot "
+                f"apply it per element. Split with paramsplit.split(..., "
+                f"per_element_decay=False) to give the regions parts of their own instead.")
+        self.split, self.optimizer, self.group, self.form = split, optimizer, group, form
+        self._saved: Tensor | None = None
+
+    def before_step(self) -> None:
+        split = self.split
+        assert split.decay is not None
+        weight = split.current()
+        if _is_wrapper(weight) or weight.grad is None:
+            if weight.grad is not None:
+                raise RuntimeError(f"paramsplit: per-element weight_decay of {split.name!r} "
+                                   f"does not support {type(weight).__name__} parameters; "
+                                   f"split with per_element_decay=False")
+            self._saved = None
+            return
+        decays = split.decay.values(self.optimizer.defaults.get("weight_decay", 0.0))
+        if self.form == "pre":
+            lr, by = float(self.group["lr"]), _scale(self.optimizer)
+            split.decay.scale_(weight, [1 - lr * (d / by if by != 1.0 else d) for d in decays])
+        elif self.form == "coupled":
+            self._saved = weight.grad
+            grad = weight.grad.clone()
+            split.decay.add_scaled_(grad, weight, decays)
+            weight.grad = grad
+        else:
+            self._saved = weight.detach().clone()
+
+    def after_step(self) -> None:
+        split, saved, self._saved = self.split, self._saved, None
+        assert split.decay is not None
+        if saved is None:
+            return
+        weight = split.weight
+        if self.form == "coupled":
+            weight.grad = saved
+        elif self.form == "post":
+            lr = _lr(self.optimizer, self.group, weight)
+            decays = split.decay.values(self.optimizer.defaults.get("weight_decay", 0.0))
+            split.decay.add_scaled_(weight, saved, [-lr * d for d in decays])
+
+
 def _links(root: nn.Module | None, names: list[str]) -> list[tuple[dict[str, Any], str, Any]]:
     """``(dict, key, value)`` for every module and parameter on the way from ``root`` to each
     name: while each ``dict[key] is value``, every name still holds what it held."""
@@ -337,7 +416,7 @@ def _is_wrapper(t: Tensor) -> bool:
 
 # -- the optimizer-step hooks ------------------------------------------------------------------
 
-_CACHE: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[_Split]]] = \
+_CACHE: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[Any]]] = \
     weakref.WeakKeyDictionary()
 
 
@@ -345,8 +424,9 @@ def _signature(optimizer: torch.optim.Optimizer) -> tuple[tuple[int, int], ...]:
     return tuple((id(g), len(g["params"])) for g in optimizer.param_groups)
 
 
-def _splits_of(optimizer: torch.optim.Optimizer) -> list[_Split]:
-    """The splits whose parts ``optimizer`` holds, checked once per change of its groups."""
+def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
+    """What to do around a step of ``optimizer``: the splits whose parts it holds, and its
+    weights with per-element decay; checked once per change of its groups."""
     signature = _signature(optimizer)
     cached = _CACHE.get(optimizer)
     if cached is not None and cached[0] == signature:
@@ -369,6 +449,14 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[_Split]:
                     f"would land on the wrong elements of {split.name!r}. Split the model with "
                     f"the spec of the run that saved it, or carry the state with "
                     f"paramsplit.merged_optimizer_state / load_merged_optimizer_state.")
+    if not splits and any(g.get(LAYOUT_KEY) for g in optimizer.param_groups):
+        raise RuntimeError(
+            "paramsplit: this optimizer's param groups were made by paramsplit.split for parts "
+            "it no longer holds: the groups were pickled or copied (e.g. into a ddp_spawn "
+            "worker), or an engine put copies of its tensors in their place (DeepSpeed's bf16 "
+            "and fp16 optimizers), so split weights would be stepped whole. Split in the "
+            "process that trains, and give the optimizer the groups paramsplit.split returns "
+            "there.")
     for split in splits.values():
         if id(split.weight) not in held:
             raise RuntimeError(
@@ -376,35 +464,104 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[_Split]:
                 f"{split.name!r} itself, which carries their gradient between steps (and is "
                 f"cleared by optimizer.zero_grad()). Keep the parameters of paramsplit's groups "
                 f"together in one optimizer (regrouping them within it is fine).")
-    unsplit = [s.name for g in optimizer.param_groups for p in g["params"]
-               if (s := _SPLITS.get(p)) is not None and s.parts and id(s) not in splits
-               and p.requires_grad]
+    steppers: list[Any] = list(splits.values())
+    unsplit = []
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            s = _SPLITS.get(p)
+            if (s is not None and s.decay is not None and g.get("name") == DECAY_GROUP
+                    and g.get("weight_decay", 0.0) == 0.0):
+                steppers.append(_Decaying(s, optimizer, g))
+            elif s is not None and s.decay is not None and p.requires_grad:
+                unsplit.append(s.name)  # its group decays it as a whole
+            elif s is not None and s.parts and id(s) not in splits and p.requires_grad:
+                unsplit.append(s.name)
+    copies = [s.name for s in splits.values() if s.label != "rows"]
+    if copies and "ScheduleFree" in type(optimizer).__name__:
+        raise RuntimeError(
+            f"paramsplit: {type(optimizer).__name__} moves its tensors between their training and "
+            f"evaluation values in train() / eval(), outside a step, and the parts of "
+            f"{', '.join(repr(n) for n in copies)} are copies (cols / mask layouts), so the model "
+            f"would not see those moves. Use rows blocks, per-element weight_decay alone (the "
+            f"'decay' layout), or another optimizer.")
+    if splits and type(optimizer).__name__ in _PER_TENSOR:
+        warnings.warn(
+            f"paramsplit: {type(optimizer).__name__} computes statistics of each whole tensor "
+            f"(factored moments, orthogonalised updates, trust ratios, quantisation blocks), so "
+            f"it treats each part of {', '.join(repr(s.name) for s in splits.values())} as a "
+            f"tensor of its own: not what it would do with the unsplit tensor. For per-element "
+            f"weight_decay alone, a plan whose regions differ only in weight_decay keeps the "
+            f"tensor whole (the 'decay' layout).", stacklevel=4)
     if unsplit:
         warnings.warn(
             f"paramsplit: this optimizer steps {', '.join(repr(n) for n in unsplit)} as whole "
-            f"tensors, ignoring the region options paramsplit.split was given for them: it was "
-            f"not built from paramsplit's groups. Build it as `torch.optim.AdamW(groups, ...)` "
+            f"tensors, ignoring the region options paramsplit.split was given for them (for "
+            f"per-element weight_decay: outside a group named {DECAY_GROUP!r} with "
+            f"weight_decay 0): it was not built from paramsplit's groups. Build it as "
+            f"`torch.optim.AdamW(groups, ...)` "
             f"with the groups paramsplit.split returned (or paramsplit.param_groups(model)).",
             stacklevel=4)
-    result = list(splits.values())
-    _CACHE[optimizer] = (signature, result)
-    return result
+    _CACHE[optimizer] = (signature, steppers)
+    return steppers
 
 
-def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if len(_SPLITS) and not torch.compiler.is_compiling():
-        splits = _splits_of(optimizer)
+#: optimizers (by class name) whose update of a tensor depends on statistics of the whole tensor
+_PER_TENSOR = {"Adafactor", "Muon", "LAMB", "Lamb", "LARS", "Lars", "Shampoo", "SOAP",
+               "AdamW8bit", "Adam8bit", "PagedAdamW8bit", "PagedAdam8bit", "AdamW4bit",
+               "AdamWFp8", "Lion8bit", "PagedLion8bit", "SGD8bit"}
+
+
+#: optimizers whose steps are under way with the parts holding the weights' values and gradients
+_STEPPING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+
+
+def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
+    done: list[Any] = []
+    with torch.no_grad():
+        try:
+            for stepper in steppers:
+                stepper.before_step()
+                done.append(stepper)
+        except BaseException:  # leave every weight as it was: values and gradients in place
+            for stepper in done:
+                stepper.after_step()
+            raise
+    _STEPPING.add(optimizer)
+
+
+def _hand_back(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
+    if optimizer in _STEPPING:
+        _STEPPING.discard(optimizer)
         with torch.no_grad():
-            for split in splits:
-                split.before_step()
+            for stepper in steppers:
+                stepper.after_step()
+
+
+def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+    if torch.compiler.is_compiling():
+        return None
+    steppers = _splits_of(optimizer)
+    if not steppers:
+        return None
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+    if closure is None:
+        _hand_over(optimizer, steppers)
+        return None
+
+    def evaluate() -> Any:  # each evaluation sees the weights the parts hold, then hands over
+        _hand_back(optimizer, steppers)
+        with torch.enable_grad():
+            loss = closure()
+        _hand_over(optimizer, steppers)
+        return loss
+
+    return args[:1], {**kwargs, "closure": evaluate}
 
 
 def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if len(_SPLITS) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         cached = _CACHE.get(optimizer)
-        with torch.no_grad():
-            for split in cached[1] if cached is not None else ():
-                split.after_step()
+        _hand_back(optimizer, cached[1] if cached is not None else [])
 
 
 register_optimizer_step_pre_hook(_pre_step)

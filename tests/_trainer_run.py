@@ -52,11 +52,15 @@ def spec(decays: tuple[float, float] = (0.0, 0.3)) -> dict:
                                                           False: options[1]})}
 
 
-def build(seed: int, decays: tuple[float, float] = (0.0, 0.3)):
-    """``paramsplit.split(gpt2(seed), spec(decays))``: (the model, its param groups)."""
+def build(seed: int, decays: tuple[float, float] = (0.0, 0.3), per_element_decay: bool = False):
+    """``paramsplit.split(gpt2(seed), spec(decays))``: (the model, its param groups). The mask's
+    regions differ only in weight_decay: parts (the mask layout) unless ``per_element_decay``,
+    which keeps the attention projections whole (the decay layout)."""
     model = gpt2(seed)
-    out = paramsplit.split(model, spec(decays))
+    out = paramsplit.split(model, spec(decays), per_element_decay=per_element_decay)
     assert out[0] is model
+    layouts = {line.split()[-1] for line in paramsplit.describe(model).splitlines()[1:]}
+    assert layouts == {"rows", "decay" if per_element_decay else "mask"}, layouts
     return out
 
 

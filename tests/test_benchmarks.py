@@ -24,10 +24,10 @@ import pytest
 ROOT = Path(__file__).parent.parent
 BENCH = ROOT / "benchmarks"
 
-ALL = {"baseline", "rows", "cols_floor", "cols", "forum", "mask_floor", "mask", "penalty", "hooks",
-       "parametrize"}
+ALL = {"baseline", "rows", "cols_floor", "cols", "forum", "mask_floor", "mask", "decay", "penalty",
+       "hooks", "parametrize"}
 SPARSE = {"full_ft", "sparse_1", "hooks_1", "sparse_10", "hooks_10"}
-MANY = {"baseline", "rows", "cols", "mask", "sparse_1", "penalty", "hooks"}
+MANY = {"baseline", "rows", "cols", "mask", "decay", "sparse_1", "penalty", "hooks"}
 
 def _have_shira() -> bool:
     """As benchmarks/_cases.have_peft: peft >= 0.17 (SHiRA) installed."""
@@ -43,13 +43,16 @@ GROUPS = {"linear": ALL, "gpt2": ALL - {"forum"}, "generate": {"baseline", "mask
           "sparse": SPARSE | ({"shira"} if HAVE_SHIRA else set()), "many": MANY}
 NEEDS_TRANSFORMERS = {"gpt2", "generate", "many"}
 REFERENCE = {"sparse": "full_ft"}  # the others: "baseline"
-FLOORS = {"rows": "baseline", "cols": "cols_floor", "forum": "cols_floor", "mask": "mask_floor"}
+FLOORS = {"rows": "baseline", "cols": "cols_floor", "forum": "cols_floor", "mask": "mask_floor",
+          "decay": "baseline"}
 #: per table, floors other than FLOORS: generate runs no optimizer step (the mask split's floor is
 #: the unsplit model); many is judged against the unsplit step by targets of its own
 KIND_FLOORS = {"generate": {"mask": "baseline"}, "many": {}}
-#: the layout paramsplit picks for each split variant, from paramsplit.describe
-LAYOUT = {"rows": "rows", "cols": "cols", "forum": "cols", "mask": "mask", "sparse_1": "sparse",
-          "sparse_10": "sparse"}
+#: the layout of each split variant, from paramsplit.describe: rows, cols, forum and mask differ
+#: only in weight_decay and split with per_element_decay=False (they measure the parts); decay is
+#: the same kind of plan kept whole
+LAYOUT = {"rows": "rows", "cols": "cols", "forum": "cols", "mask": "mask", "decay": "decay",
+          "sparse_1": "sparse", "sparse_10": "sparse"}
 MANY_TARGETS = {"rows": 1.02, "cols": 1.05, "mask": 1.05, "sparse_1": 1.05}
 
 
@@ -114,15 +117,18 @@ def test_split_time_quick(tmp_path, capsys):
     assert isinstance(run["extra_peak_bytes"], int)  # in-process RSS: reused memory may read 0
     assert run["split_params"] == 2 * 4 + 2  # c_attn, c_proj, c_fc, mlp.c_proj per layer; wte, wpe
     assert run["groups"] == ["default", "weight_decay=0.0", "weight_decay=0.1"]
+    assert run["layouts"] == ["rows"]  # parts: split with per_element_decay=False
 
 
 def test_phases_prints_every_variant(capsys):
     _load("phases").main(["--rounds", "2"])
     rows = capsys.readouterr().out.splitlines()[2:]
-    assert [r.split()[0] for r in rows] == ["unsplit", "rows", "cols", "mask"]
+    assert [r.split()[0] for r in rows] == ["unsplit", "rows", "cols", "mask", "decay"]
     for r in rows:
         groups, *ms = r.split()[1:]
-        assert int(groups) == (1 if r.startswith("unsplit") else 3)
+        # unsplit: one group; parts: default + two weight_decay groups; decay: default + the
+        # per-element weight_decay group
+        assert int(groups) == {"unsplit": 1, "decay": 2}.get(r.split()[0], 3)
         assert all(_positive(float(v)) for v in ms)
 
 
@@ -171,7 +177,7 @@ def test_step_quick_reports_every_variant_against_its_floor(gpu_check):
                     assert isinstance(r["time_ok"], bool) and isinstance(r["mem_ok"], bool)
                 else:
                     assert r["time_ratio_floor"] is None and r["time_ok"] is None, where
-                if v == "rows" and r["floor"]:  # its floor is the unsplit step
+                if v in ("rows", "decay") and r["floor"]:  # its floor is the unsplit step
                     assert r["time_ratio_floor"] == r["time_ratio"]
 
 

@@ -32,11 +32,22 @@ def _plans(shape=(9, 12)):
         "sparse": Regions(torch.rand(shape, generator=g) < 0.2, {True: {"lr": 0.05},
                                                                  False: FROZEN}),
         "options": {"weight_decay": 0.5, "lr": 0.1},
+        # regions that differ only in weight_decay, kept whole (see _split)
+        "decay": torch.where(torch.rand(shape, generator=g) < 0.5, 0.0, 0.2),
     }
 
 
 PLAN_KINDS = list(_plans())
-SPLIT_KINDS = [k for k in PLAN_KINDS if k != "options"]
+SPLIT_KINDS = [k for k in PLAN_KINDS if k not in ("options", "decay")]  # the kinds with parts
+
+
+def _split(model, kind, name="0.weight"):
+    """Split ``name`` by ``_plans()[kind]``: every kind but "decay" with parts, as named (rows,
+    cols, bool-mask and decay-tensor differ only in weight_decay, so per_element_decay=False);
+    "decay" kept whole (the decay layout)."""
+    out = paramsplit.split(model, {name: _plans()[kind]}, per_element_decay=kind == "decay")
+    assert (_layouts(model)[name] == "decay") == (kind == "decay")
+    return out
 
 
 def _parts(weight):
@@ -65,7 +76,7 @@ def test_forward_and_backward_are_bitwise(kind, dtype, train):
     model = _mlp(dtype).train(train)
     ref = copy.deepcopy(model)
     before = list(model.named_parameters())
-    split_model, _ = paramsplit.split(model, {"0.weight": _plans()[kind]})
+    split_model, _ = _split(model, kind)
     assert split_model is model
     after = list(model.named_parameters())
     assert [n for n, _ in after] == [n for n, _ in before]
@@ -130,7 +141,7 @@ def test_parts_are_dense_tensors_holding_the_trained_elements(kind):
     """One part per trained region; ``rows`` parts are views of the weight (no copy), the other
     layouts' parts dense copies. Fused optimizers need every part contiguous."""
     model = _mlp()
-    paramsplit.split(model, {"0.weight": _plans()[kind]})
+    _split(model, kind)
     w = model[0].weight
     parts = _parts(w)
     assert len(parts) >= 1
@@ -148,6 +159,21 @@ def test_parts_are_dense_tensors_holding_the_trained_elements(kind):
         values = torch.cat([p.detach().reshape(-1) for p in parts]).sort().values
         assert torch.equal(values, w.detach()[~frozen].sort().values)
     torch.optim.AdamW([{"params": parts + [w]}], lr=1e-3, fused=True)  # accepted as is
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols", "bool-mask", "decay-tensor"])
+def test_plans_differing_only_in_weight_decay_keep_the_weight_whole(kind):
+    """Regions that all train and differ only in weight_decay make no parts (the decay layout):
+    the weight itself sits in one group with weight_decay=0, and the step hooks decay it."""
+    model = _mlp()
+    _, groups = paramsplit.split(model, {"0.weight": _plans()[kind]})
+    w = model[0].weight
+    assert _parts(w) == [] and _layouts(model)["0.weight"] == "decay"
+    (decayed,) = [g for g in groups if any(p is w for p in g["params"])]
+    assert decayed["name"] == "per-element weight_decay" and decayed["weight_decay"] == 0.0
+    assert [p for p in decayed["params"]] == [w]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each once, nothing else
 
 
 def test_groups_cover_every_trainable_parameter_once_and_merge_equal_options():
@@ -222,13 +248,16 @@ def test_adamw_matches_hand_written_per_element_decoupled_decay(layout):
         assert not torch.allclose(final, _hand_adamw(w0, grads, lr, torch.full_like(w0, single)))
 
 
-def test_adamw_gradients_replayed_through_hand_written_step():
+@pytest.mark.parametrize("layout", ["mask", "decay"])
+def test_adamw_gradients_replayed_through_hand_written_step(layout):
     """The hand-written AdamW, fed the model's own gradients step by step, lands exactly where
-    the split model does after every step, not only the last."""
+    the split model does after every step, not only the last: with parts, and kept whole."""
     torch.manual_seed(1)
     model = nn.Linear(8, 6).double()
     mask = torch.rand(6, 8) < 0.4
-    split_model, groups = paramsplit.split(model, {"weight": torch.where(mask, 0.3, 0.0).double()})
+    split_model, groups = paramsplit.split(model, {"weight": torch.where(mask, 0.3, 0.0).double()},
+                                           per_element_decay=layout == "decay")
+    assert _layouts(model)["weight"] == layout
     opt = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.0)
     grads = []
     w0 = model.weight.detach().clone()
@@ -241,16 +270,19 @@ def test_adamw_gradients_replayed_through_hand_written_step():
         torch.testing.assert_close(model.weight.detach(), expect, rtol=0, atol=1e-13)
 
 
-def test_adam_matches_the_seed_masked_l2_penalty():
-    """Adam's coupled weight_decay == the forum answer's penalty 0.5 * wd * w**2 on the loss."""
+@pytest.mark.parametrize("layout", ["cols", "decay"])
+def test_adam_matches_the_seed_masked_l2_penalty(layout):
+    """Adam's coupled weight_decay == the forum answer's penalty 0.5 * wd * w**2 on the loss,
+    with parts (cols) and with the weight kept whole (decay)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 1)).double()
     ref = copy.deepcopy(model)
     penalty_mask = torch.ones(1, 10, dtype=torch.float64)
     penalty_mask[:, 5:] = 2.0
     wd = 0.01 * penalty_mask
-    split_model, groups = paramsplit.split(model, {"0.weight": wd})
-    assert _layouts(model)["0.weight"] == "cols"
+    split_model, groups = paramsplit.split(model, {"0.weight": wd},
+                                           per_element_decay=layout == "decay")
+    assert _layouts(model)["0.weight"] == layout
     opt = torch.optim.Adam(groups, lr=1e-2)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-2, weight_decay=0.0)
     for _ in range(20):
@@ -272,6 +304,8 @@ SAME = {"weight_decay": 0.05}  # the optimizers' default below: a distinct group
 
 
 def _equal_options_plan(layout):
+    """``layout``'s plan of regions with equal settings. "decay-rows"/"decay-mask" are the
+    rows/mask plans kept whole (the decay layout: their regions differ only in weight_decay)."""
     g = torch.Generator().manual_seed(5)
     return {
         "rows": rows({(0, 4): {}, (4, 7): SAME}),
@@ -280,10 +314,19 @@ def _equal_options_plan(layout):
         # FROZEN holds most elements; the oracle puts its elements back after each step
         "sparse": Regions(torch.rand(9, 12, generator=g) < 0.3, {True: SAME, False: FROZEN}),
         "whole": SAME,
-    }[layout]
+    }[layout.removeprefix("decay-")]
 
 
-@pytest.mark.parametrize("layout", ["rows", "cols", "mask", "sparse", "whole"])
+def _split_equal(model, spec, layout):
+    """Split with the equal-options plans: the part layouts with per_element_decay=False (their
+    regions differ only in weight_decay, which would keep the weight whole), "decay-*" without."""
+    return paramsplit.split(model, spec, per_element_decay=layout.startswith("decay"))
+
+
+EQUAL_LAYOUTS = ["rows", "cols", "mask", "sparse", "whole", "decay-rows", "decay-mask"]
+
+
+@pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
 @pytest.mark.parametrize("make_opt", [
     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, foreach=False),
     lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, foreach=True),
@@ -295,8 +338,8 @@ def test_equal_options_train_bitwise_like_the_unsplit_model(layout, make_opt):
     model = _mlp(seed=4)
     ref = copy.deepcopy(model)
     plan = _equal_options_plan(layout)
-    split_model, groups = paramsplit.split(model, {"0.weight": plan})
-    assert _layouts(model)["0.weight"] == layout
+    split_model, groups = _split_equal(model, {"0.weight": plan}, layout)
+    assert _layouts(model)["0.weight"] == layout.split("-")[0]
     assert len(groups) == 2
     frozen = ~plan.mask if layout == "sparse" else torch.zeros(9, 12, dtype=torch.bool)
     opt, ref_opt = make_opt(groups), make_opt(ref.parameters())
@@ -308,7 +351,7 @@ def test_equal_options_train_bitwise_like_the_unsplit_model(layout, make_opt):
         with torch.no_grad():
             ref[0].weight[frozen] = kept  # the oracle of FROZEN: put back by hand
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        if opt.defaults.get("fused") and layout != "whole":
+        if opt.defaults.get("fused") and layout in ("rows", "cols", "mask", "sparse"):
             # torch's fused CPU AdamW does the last (numel % vector width) elements of each
             # tensor in a scalar loop that rounds differently from its vector loop. A part is a
             # shorter tensor than the weight, so other elements fall in that tail: equal up to
@@ -322,7 +365,7 @@ def test_equal_options_train_bitwise_like_the_unsplit_model(layout, make_opt):
 def test_fused_adamw_trains_every_plan(kind):
     """Fused kernels treat tensors as dense memory: every layout's parts work with them."""
     model = _mlp()
-    split_model, groups = paramsplit.split(model, {"0.weight": _plans()[kind]})
+    split_model, groups = _split(model, kind)
     before = model[0].weight.detach().clone()
     opt = torch.optim.AdamW(groups, lr=1e-2, fused=True)
     for _ in range(2):
@@ -428,10 +471,10 @@ def test_single_region_plans_do_not_split():
     assert fast["params"] == [model[0].weight, model[2].weight]
 
 
-@pytest.mark.parametrize("kind", ["rows", "cols", "regions", "decay-tensor", "sparse"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "regions", "decay-tensor", "sparse", "decay"])
 def test_merged_state_dict_round_trips(kind):
     model = _mlp()
-    split_model, groups = paramsplit.split(model, {"0.weight": _plans()[kind]})
+    split_model, groups = _split(model, kind)
     opt = torch.optim.AdamW(groups, lr=1e-1)
     _step(split_model, opt, torch.randn(4, 12))
     merged = paramsplit.merged_state_dict(split_model)
@@ -444,14 +487,14 @@ def test_merged_state_dict_round_trips(kind):
     # and back: an unsplit checkpoint loads into a split model that has stepped before, and its
     # next step starts from the loaded values (SGD without momentum keeps no state: the oracle
     # is a fresh split of the loaded model)
-    other, groups = paramsplit.split(_mlp(seed=7), {"0.weight": _plans()[kind]})
+    other, groups = _split(_mlp(seed=7), kind)
     sgd = torch.optim.SGD(groups, lr=0.1, weight_decay=0.01)
     _step(other, sgd, torch.randn(4, 12))
     paramsplit.load_merged_state_dict(other, fresh.state_dict())
     assert torch.equal(other(x), fresh(x))
     for k, v in paramsplit.merged_state_dict(other).items():
         assert torch.equal(v, merged[k])
-    oracle, oracle_groups = paramsplit.split(fresh, {"0.weight": _plans()[kind]})
+    oracle, oracle_groups = _split(fresh, kind)
     oracle_sgd = torch.optim.SGD(oracle_groups, lr=0.1, weight_decay=0.01)
     _step(other, sgd, x)
     _step(oracle, oracle_sgd, x)
@@ -459,7 +502,7 @@ def test_merged_state_dict_round_trips(kind):
         assert torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("layout", ["rows", "cols", "mask", "sparse"])
+@pytest.mark.parametrize("layout", ["rows", "cols", "mask", "sparse", "decay-mask"])
 @pytest.mark.parametrize("how", ["in-place", "data"])
 def test_writes_to_the_weight_between_steps_land(layout, how):
     """A write into the weight between steps (an in-place op, or ``p.data = ...``) is what the
@@ -467,7 +510,8 @@ def test_writes_to_the_weight_between_steps_land(layout, how):
     model = _mlp(seed=4)
     ref = copy.deepcopy(model)
     plan = _equal_options_plan(layout)
-    paramsplit.split(model, {"0.weight": plan})
+    _split_equal(model, {"0.weight": plan}, layout)
+    assert _layouts(model)["0.weight"] == layout.split("-")[0]
     frozen = ~plan.mask if layout == "sparse" else torch.zeros(9, 12, dtype=torch.bool)
     make = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, foreach=False)  # noqa
     opt, ref_opt = make(paramsplit.param_groups(model)), make(ref.parameters())
@@ -504,17 +548,19 @@ def test_state_dict_of_split_model_reloads_into_same_split():
 def test_describe_lists_regions_elements_options_and_layout():
     torch.manual_seed(0)
     model = nn.ModuleDict({"a": nn.Linear(10, 1), "b": nn.Linear(1, 2), "c": nn.Linear(4, 6),
-                           "d": nn.Linear(5, 8)})
+                           "d": nn.Linear(5, 8), "e": nn.Linear(3, 2)})
     mask = torch.zeros(6, 4, dtype=torch.long)
     mask[0, 0], mask[1, 1], mask[5, 3] = 1, 2, 2
     sparse = torch.zeros(8, 5, dtype=torch.long)
     sparse[2, 3] = 1
+    decay = cols({(0, 5): {"weight_decay": 0.01}, (5, None): {"weight_decay": 0.1}})
     split_model, _ = paramsplit.split(model, {
-        "a": cols({(0, 5): {"weight_decay": 0.01}, (5, None): {"weight_decay": 0.1}}),
+        "a": decay,  # parts (cols), not the decay layout: per_element_decay=False
         "a.bias": FROZEN, "b": {"lr": 0.5},
         "c": Regions(mask, {0: {}, 1: {"lr": 0.1}, 2: {"lr": 0.1}}),
         "c.bias": rows({(0, 2): FROZEN}),
-        "d": Regions(sparse, {0: FROZEN, 1: {}})})
+        "d": Regions(sparse, {0: FROZEN, 1: {}})}, per_element_decay=False)
+    paramsplit.split(model, {"e": rows({(0, 1): {"weight_decay": 0.2}})})  # the decay layout
     lines = paramsplit.describe(split_model).splitlines()
     assert lines[0].split() == ["parameter", "region", "elements", "options", "layout"]
     assert [line.split() for line in lines[1:]] == [
@@ -528,6 +574,8 @@ def test_describe_lists_regions_elements_options_and_layout():
         ["c.bias", "rows", "2:6", "4", "defaults", "rows"],
         ["d.weight", "region", "0", "39", "FROZEN", "sparse"],
         ["d.weight", "region", "1", "1", "defaults", "sparse"],
+        ["e.weight", "rows", "0:1", "3", "weight_decay=0.2", "decay"],
+        ["e.weight", "rows", "1:2", "3", "defaults", "decay"],
     ]
     # the columns line up: every layout starts where the header's does
     assert {len(line) - len(line.split()[-1]) for line in lines} == {lines[0].index("layout")}
@@ -535,14 +583,19 @@ def test_describe_lists_regions_elements_options_and_layout():
         "parameter  region  elements  options  layout"]
 
 
+@pytest.mark.parametrize("layout", ["parts", "decay"])
 @pytest.mark.parametrize("convert", ["double", "half", "bfloat16", "to-float64"])
-def test_converting_the_dtype_after_split_then_training_works(convert):
+def test_converting_the_dtype_after_split_then_training_works(convert, layout):
     """``model.double()``/``.half()``/``.to(dtype)`` after split: the parts follow the weight's
-    dtype at the next step, and training is bitwise the unsplit model's (equal options)."""
+    dtype at the next step, and training is bitwise the unsplit model's (equal options); and
+    the same with the weights kept whole (decay layout)."""
     model = _mlp(seed=4)
     ref = copy.deepcopy(model)
     paramsplit.split(model, {"0.weight": _equal_options_plan("mask"),
-                             "2.weight": rows({(0, 2): SAME, (2, 4): {}})})
+                             "2.weight": rows({(0, 2): SAME, (2, 4): {}})},
+                     per_element_decay=layout == "decay")
+    assert [_layouts(model)[n] for n in ("0.weight", "2.weight")] == (
+        ["mask", "rows"] if layout == "parts" else ["decay", "decay"])
     # eps=1e-3: the default 1e-8 is 0 in float16, and Adam's first update then divides 0 by 0
     make = lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, eps=1e-3,  # noqa: E731
                                         foreach=False)
@@ -566,12 +619,13 @@ def test_converting_the_dtype_after_split_then_training_works(convert):
         assert torch.isfinite(p).all() and torch.equal(p, q), name
 
 
-@pytest.mark.parametrize("layout", ["rows", "cols", "mask"])
+@pytest.mark.parametrize("layout", ["rows", "cols", "mask", "decay-mask"])
 def test_converting_the_dtype_mid_training(layout):
     """With a stateless optimizer the dtype may change between steps too."""
     model = _mlp(seed=4)
     ref = copy.deepcopy(model)
-    paramsplit.split(model, {"0.weight": _equal_options_plan(layout)})
+    _split_equal(model, {"0.weight": _equal_options_plan(layout)}, layout)
+    assert _layouts(model)["0.weight"] == layout.split("-")[0]
     make = lambda ps: torch.optim.SGD(ps, lr=0.1, weight_decay=0.05)  # noqa: E731
     opt, ref_opt = make(paramsplit.param_groups(model)), make(ref.parameters())
     for step in range(4):
@@ -642,7 +696,7 @@ def test_masks_that_are_blocks_take_the_block_layout_and_train_like_the_mask_pat
         which, monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 6), nn.Tanh(), nn.Linear(6, 1))
-    copy_for_mask = copy.deepcopy(model)
+    copy_for_mask, decay_blocks, decay_mask = (copy.deepcopy(model) for _ in range(3))
     mask = torch.zeros(6, 10, dtype=torch.long)
     if which == "forum-cols":  # the forum question: mask[:, :5] = 1
         mask[:, :5] = 1
@@ -652,14 +706,22 @@ def test_masks_that_are_blocks_take_the_block_layout_and_train_like_the_mask_pat
         mask[:, 3:7], mask[:, 7:] = 1, 2
     plan = Regions(mask, {0: {"weight_decay": 0.1}, 1: FROZEN if which == "rows" else
                           {"weight_decay": 0.01}, 2: {"lr": 0.05}})
-    split_model, groups = paramsplit.split(model, {"0": plan})
+    # forum-cols differs only in weight_decay: parts with per_element_decay=False, and also kept
+    # whole (the decay layout, which applies the decay by blocks or by the mask)
+    split_model, groups = paramsplit.split(model, {"0": plan}, per_element_decay=False)
     layout = "rows" if which == "rows" else "cols"
     assert _layouts(model)["0.weight"] == layout
+    decay_runs = [paramsplit.split(decay_blocks, {"0": plan})] if which == "forum-cols" else []
     monkeypatch.setattr(paramsplit._spec, "_as_blocks", lambda *a: None)
-    mask_model, mask_groups = paramsplit.split(copy_for_mask, {"0": plan})
+    mask_model, mask_groups = paramsplit.split(copy_for_mask, {"0": plan}, per_element_decay=False)
     assert _layouts(mask_model)["0.weight"] == "mask"
     assert sorted(g["name"] for g in groups) == sorted(g["name"] for g in mask_groups)
-    _train_alike((split_model, groups), (mask_model, mask_groups), features=10)
+    if which == "forum-cols":
+        decay_runs.append(paramsplit.split(decay_mask, {"0": plan}))
+        assert paramsplit._sync._SPLITS[decay_blocks[0].weight].decay.bounds is not None
+        assert paramsplit._sync._SPLITS[decay_mask[0].weight].decay.bounds is None
+        assert all(_layouts(m)["0.weight"] == "decay" for m, _ in decay_runs)
+    _train_alike((split_model, groups), (mask_model, mask_groups), *decay_runs, features=10)
     if which == "rows":  # the trained rows' part is a view of the weight: no copy
         (part,) = _parts(model[0].weight)
         assert part.data_ptr() == model[0].weight[2].data_ptr() and part.shape == (4, 10)

@@ -37,6 +37,9 @@ def _plans(shape=(9, 12), same=False):
         "cols": cols({(2, 7): a}),
         "mask": Regions(torch.randint(0, 3, shape, generator=g), {0: {}, 1: a, 2: b}),
         "sparse": Regions(torch.rand(shape, generator=g) < 0.2, {True: a, False: FROZEN}),
+        # regions that differ in weight_decay only: the decay layout, no parts
+        "decay": Regions(torch.rand(shape, generator=g) < 0.5,
+                         {True: SAME if same else {"weight_decay": 0.1}, False: {}}),
     }
 
 
@@ -45,7 +48,7 @@ def _mlp(dtype=torch.float32, seed=0):
     return nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 5)).to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("kind", ["rows", "cols", "mask", "sparse"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "mask", "sparse", "decay"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_backward_bitwise(kind, dtype):
     model = _mlp(dtype)
@@ -62,12 +65,14 @@ def test_forward_backward_bitwise(kind, dtype):
         assert torch.equal(sm.eval()(x), ref.eval()(x))
 
 
-@pytest.mark.parametrize("kind", ["rows", "cols", "mask"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "mask", "decay"])
 @pytest.mark.parametrize("impl", ["foreach", "fused", "capturable"])
 def test_training_equals_unsplit(kind, impl):
     model = _mlp()
     ref = copy.deepcopy(model)
-    sm, groups = paramsplit.split(model, {"0.weight": _plans(same=True)[kind]})
+    sm, groups = paramsplit.split(model, {"0.weight": _plans(same=True)[kind]},
+                                  per_element_decay=kind == "decay")  # rows/cols/mask: parts
+    assert paramsplit._sync._SPLITS[sm[0].weight].label == kind
     kw = {"foreach": {"foreach": True}, "fused": {"fused": True},
           "capturable": {"capturable": True, "foreach": True}}[impl]
     if impl == "capturable" and DEVICE.type == "cpu":
@@ -143,11 +148,12 @@ def test_compiled_training_step_matches_eager(kind):
 
 
 @CUDA_ONLY
-@pytest.mark.parametrize("kind", ["rows", "cols", "mask"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "mask", "decay"])
 def test_cuda_graph_captured_training_step(kind):
     model = _mlp()
     ref = copy.deepcopy(model)
-    sm, groups = paramsplit.split(model, {"0.weight": _plans(same=True)[kind]})
+    sm, groups = paramsplit.split(model, {"0.weight": _plans(same=True)[kind]},
+                                  per_element_decay=kind == "decay")
     kw = {"lr": 1e-2, "weight_decay": 0.05, "capturable": True, "foreach": True}
     opt, ref_opt = torch.optim.AdamW(groups, **kw), torch.optim.AdamW(ref.parameters(), **kw)
     static_x = torch.randn(8, 12, device=DEVICE)

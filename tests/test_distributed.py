@@ -67,8 +67,14 @@ def _spec() -> dict[str, Any]:
     }
 
 
-def _split(seed: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
-    return paramsplit.split(_model(seed), _spec())
+def _split(seed: int = 0, decay: bool = False) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """``_spec``'s split: ``0.weight`` (regions that differ only in weight_decay) in row parts,
+    or with ``decay`` kept whole (the decay layout); ``2.weight`` in parts (FROZEN: sparse)."""
+    model, groups = paramsplit.split(_model(seed), _spec(), per_element_decay=decay)
+    layouts = {line.split()[0]: line.split()[-1]
+               for line in paramsplit.describe(model).splitlines()[1:]}
+    assert layouts == {"0.weight": "decay" if decay else "rows", "2.weight": "sparse"}, layouts
+    return model, groups
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +93,9 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     opt.zero_grad(set_to_none=True)
 
 
-def _reference(steps: int = STEPS, seed: int = 0) -> dict[str, torch.Tensor]:
+def _reference(steps: int = STEPS, seed: int = 0, decay: bool = False) -> dict[str, torch.Tensor]:
     """Merged weights of single-process training on the full batch."""
-    split_model, groups = _split(seed)
+    split_model, groups = _split(seed, decay)
     opt = torch.optim.AdamW(groups, lr=LR)
     x, y = _batch()
     for _ in range(steps):
@@ -280,7 +286,7 @@ def _load(out: Path, name: str) -> list[Any]:
 def _ddp_worker(rank: int, out: Path, **ddp_kwargs: Any) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    split_model, groups = _split()
+    split_model, groups = _split(decay=ddp_kwargs.pop("decay", False))
     micro = ddp_kwargs.pop("micro_batches", 1)
     amp = ddp_kwargs.pop("grad_scaler", False)
     ddp = DDP(split_model, **ddp_kwargs)
@@ -329,14 +335,25 @@ def _ddp_worker_grad_scaler(rank: int, out: Path) -> None:
     _ddp_worker(rank, out, grad_scaler=True)
 
 
-@pytest.mark.parametrize("worker", [_ddp_worker_plain, _ddp_worker_bucket_view,
-                                    _ddp_worker_no_sync, _ddp_worker_static_graph,
-                                    _ddp_worker_find_unused, _ddp_worker_grad_scaler],
-                         ids=["grad-copy", "gradient_as_bucket_view", "no_sync-accumulation",
-                              "static_graph", "find_unused_parameters", "grad-scaler-clip"])
-def test_ddp_matches_single_process(dist_run: _Run, worker: Worker) -> None:
+def _ddp_worker_decay(rank: int, out: Path) -> None:
+    _ddp_worker(rank, out, decay=True)
+
+
+def _ddp_worker_decay_grad_scaler(rank: int, out: Path) -> None:
+    _ddp_worker(rank, out, decay=True, grad_scaler=True)
+
+
+@pytest.mark.parametrize("worker,decay", [
+    (_ddp_worker_plain, False), (_ddp_worker_bucket_view, False), (_ddp_worker_no_sync, False),
+    (_ddp_worker_static_graph, False), (_ddp_worker_find_unused, False),
+    (_ddp_worker_grad_scaler, False), (_ddp_worker_decay, True),
+    (_ddp_worker_decay_grad_scaler, True)],
+    ids=["grad-copy", "gradient_as_bucket_view", "no_sync-accumulation", "static_graph",
+         "find_unused_parameters", "grad-scaler-clip", "decay-layout",
+         "decay-layout-grad-scaler-clip"])
+def test_ddp_matches_single_process(dist_run: _Run, worker: Worker, decay: bool) -> None:
     merged = _load(dist_run.outputs(worker), "ddp")
-    want = _reference()
+    want = _reference(decay=decay)
     for rank in range(WORLD):
         _assert_close_dicts(merged[rank], want)
         _assert_frozen_unchanged(merged[rank])
@@ -356,7 +373,7 @@ def _fsdp_split(seed: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    model, _ = _split(seed)
+    model, _ = _split(seed)  # parts: the decay layout refuses DTensors (see below)
     for layer in (model[0], model[2]):
         fully_shard(layer)
     fully_shard(model)
@@ -451,6 +468,54 @@ def _fsdp_checkpoint_worker(rank: int, out: Path) -> None:
     resumed = _full_state(fresh)
     torch.save({"uninterrupted": uninterrupted, "after_load": after_load, "resumed": resumed},
                out / f"ckpt{rank}.pt")
+
+
+def _fsdp_decay_worker(rank: int, out: Path) -> None:
+    """The decay layout on a sharded weight: the step refuses it, naming the weight and the
+    remedy, and moves no weight."""
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = _split(decay=True)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(paramsplit.param_groups(model), lr=LR)
+    x, y = _batch()
+    before = _full_state(model)
+    nn.functional.mse_loss(model(_half(x, rank)), _half(y, rank)).backward()
+
+    def grads() -> dict[str, torch.Tensor | None]:
+        return {n: None if p.grad is None else p.grad.full_tensor().clone()
+                for n, p in model.named_parameters()}
+
+    grads_before = grads()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        error = str(e)
+    else:
+        error = None
+    torch.save({"error": error, "before": before, "after": _full_state(model),
+                "grads_before": grads_before, "grads_after": grads()}, out / f"decay{rank}.pt")
+
+
+@_scenario(_fsdp_decay_worker)
+def test_fsdp2_refuses_the_decay_layout_at_the_step(dist_run: _Run) -> None:
+    for result in _load(dist_run.outputs(_fsdp_decay_worker), "decay"):
+        assert result["error"] is not None, "the step ran"
+        assert "'0.weight'" in result["error"] and "per_element_decay=False" in result["error"]
+        for key, value in result["before"].items():
+            assert torch.equal(result["after"][key], value), key
+
+
+@_scenario(_fsdp_decay_worker)
+def test_fsdp2_refused_decay_step_leaves_every_gradient_in_place(dist_run: _Run) -> None:
+    """After the refusal every weight's .grad is still its gradient (the weights of other
+    plans included: 2.weight's parts layout must not be left mid-step, its gradient hidden)."""
+    for result in _load(dist_run.outputs(_fsdp_decay_worker), "decay"):
+        for key, value in result["grads_before"].items():
+            got = result["grads_after"][key]
+            assert value is not None and got is not None and torch.equal(got, value), key
 
 
 @_scenario(_fsdp_checkpoint_worker)

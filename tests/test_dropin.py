@@ -20,7 +20,10 @@ from torch import nn
 import paramsplit
 from paramsplit import FROZEN, Regions, cols, rows
 
-KINDS = ["rows", "cols", "mask", "sparse"]
+KINDS = ["rows", "cols", "mask", "sparse"]  # the part layouts
+#: and the decay layout (regions that differ only in weight_decay: the weight stays whole), for
+#: the behaviours that do not depend on how the optimizer sees the weight
+ALL_KINDS = KINDS + ["decay"]
 SHAPE = (9, 12)
 WD = 0.05  # the optimizers' default weight_decay below: regions given it differ in form only
 
@@ -46,18 +49,23 @@ def _plan(kind):
         return cols({(2, 7): {"weight_decay": 0.3}})
     if kind == "mask":
         return Regions(_ids(), {0: {"lr": 0.01}, 1: {"weight_decay": 0.2}, 2: FROZEN})
+    if kind == "decay":
+        return Regions(_ids(), {0: {"weight_decay": 0.0}, 1: {}, 2: {"weight_decay": 0.2}})
     return Regions(_sparse_mask(), {True: {"weight_decay": 0.2}, False: FROZEN})
 
 
 def _oracle_plan(kind):
-    """Every layout with a FROZEN region and trained regions whose options equal the optimizer's
-    defaults (``WD``) in value: the unsplit model, FROZEN elements put back, is the oracle."""
+    """Every part layout with a FROZEN region and trained regions whose options equal the
+    optimizer's defaults (``WD``) in value: the unsplit model, FROZEN elements put back, is the
+    oracle. The decay layout has no FROZEN region (it would make parts)."""
     if kind == "rows":
         return rows({(0, 3): FROZEN, (3, 6): {"weight_decay": WD}, (6, None): {}})
     if kind == "cols":
         return cols({(0, 2): {"weight_decay": WD}, (2, 7): FROZEN, (7, None): {}})
     if kind == "mask":
         return Regions(_ids(), {0: {"weight_decay": WD}, 1: {}, 2: FROZEN})
+    if kind == "decay":
+        return Regions(_ids(), {0: {"weight_decay": WD}, 1: {}, 2: {"weight_decay": WD}})
     return Regions(_sparse_mask(), {True: {"weight_decay": WD}, False: FROZEN})
 
 
@@ -70,8 +78,19 @@ def _frozen(kind, shape=SHAPE):
         out[:, 2:7] = True
     elif kind == "mask":
         out = _ids(shape) == 2
+    elif kind == "decay":
+        pass
     else:
         out = ~_sparse_mask(shape)
+    return out
+
+
+def _split(model, spec, kind):
+    """``paramsplit.split`` in layout ``kind``: the part layouts with per_element_decay=False
+    (plans such as ``cols({(2, 7): {"weight_decay": 0.3}})`` differ only in weight_decay, which
+    would keep the weight whole), the decay layout without."""
+    out = paramsplit.split(model, spec, per_element_decay=kind == "decay")
+    assert paramsplit.describe(model).split()[-1] == kind
     return out
 
 
@@ -79,7 +98,7 @@ def _pair(kind, seed=0, plan=None):
     """(unsplit copy, split model, groups); ``split`` returns the very model it was given."""
     model = _linear(seed)
     ref = copy.deepcopy(model)
-    split_model, groups = paramsplit.split(model, {"0.weight": plan or _plan(kind)})
+    split_model, groups = _split(model, {"0.weight": plan or _plan(kind)}, kind)
     assert split_model is model
     return ref, split_model, groups
 
@@ -141,7 +160,7 @@ def test_split_returns_the_model_itself_with_its_own_parameters(kind):
     model = _linear()
     params = list(model.named_parameters())
     classes = [type(m) for m in model.modules()]
-    split_model, groups = paramsplit.split(model, {"0.weight": _plan(kind)})
+    split_model, groups = _split(model, {"0.weight": _plan(kind)}, kind)
     assert split_model is model
     assert [(n, id(p)) for n, p in split_model.named_parameters()] == \
         [(n, id(p)) for n, p in params]
@@ -159,7 +178,7 @@ def test_split_returns_the_model_itself_with_its_own_parameters(kind):
 
 # -- state dict: the original format ------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_state_dict_has_the_original_keys_and_loads_strict_both_ways(kind):
     ref, sm, _ = _pair(kind)
     _assert_same(sm, ref)
@@ -192,8 +211,8 @@ def test_checkpoint_of_another_mask_loads_by_position_not_by_part():
     """Two masks with equal region sizes: the weights land where they belong."""
     model = _linear()
     a, b = _two_masks()
-    sm_a, _ = paramsplit.split(model, {"0": a})
-    sm_b, _ = paramsplit.split(_linear(seed=1), {"0": b})
+    sm_a, _ = _split(model, {"0": a}, "mask")
+    sm_b, _ = _split(_linear(seed=1), {"0": b}, "mask")
     sm_b.load_state_dict(sm_a.state_dict())
     _assert_same(sm_b, model)
 
@@ -243,13 +262,13 @@ def _steps(model, opt, n, seed):
 @pytest.mark.parametrize("pair", list(_OTHER_LAYOUTS))
 def test_optimizer_state_of_another_layout_is_refused_at_the_first_step(pair):
     a, b = _OTHER_LAYOUTS[pair]
-    sm_a, groups_a = paramsplit.split(_linear(), {"0": a})
-    assert paramsplit.describe(sm_a).split()[-1] == pair.split("-")[0]
+    kind_a, kind_b = (pair.split("-vs-") * 2)[:2]
+    sm_a, groups_a = _split(_linear(), {"0": a}, kind_a)
     opt_a = torch.optim.AdamW(groups_a, lr=1e-2)
     _steps(sm_a, opt_a, 2, seed=1)
     saved = copy.deepcopy(opt_a.state_dict())  # torch loads state tensors without a copy
 
-    sm_b, groups_b = paramsplit.split(_linear(), {"0": b})
+    sm_b, groups_b = _split(_linear(), {"0": b}, kind_b)
     opt_b = torch.optim.AdamW(groups_b, lr=1e-2)
     if pair.endswith("-vs-cols") or pair.endswith("-vs-sparse"):
         assert [len(g["params"]) for g in groups_a] == [len(g["params"]) for g in groups_b]
@@ -261,7 +280,7 @@ def test_optimizer_state_of_another_layout_is_refused_at_the_first_step(pair):
     assert torch.equal(sm_b.state_dict()["0.weight"], before)  # nothing was stepped
 
     # the same layout loads and continues exactly like the run that saved it
-    sm_c, groups_c = paramsplit.split(_linear(seed=7), {"0": a})
+    sm_c, groups_c = _split(_linear(seed=7), {"0": a}, kind_a)
     sm_c.load_state_dict(sm_a.state_dict())
     opt_c = torch.optim.AdamW(groups_c, lr=1e-2)
     opt_c.load_state_dict(saved)
@@ -297,7 +316,7 @@ WRITES = {
 
 
 @pytest.mark.parametrize("write", list(WRITES))
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("make_opt", [_adamw, _sgd], ids=["AdamW", "SGD-momentum"])
 def test_writes_into_the_weight_between_steps_land_and_the_next_step_starts_from_them(
         kind, write, make_opt):
@@ -317,7 +336,7 @@ def test_writes_into_the_weight_between_steps_land_and_the_next_step_starts_from
     oracle.step()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_a_parameter_assigned_after_split_is_taken_over_by_the_next_step(kind):
     """``module.weight = nn.Parameter(t)`` (what ``load_state_dict(assign=True)`` does): the
     optimizer steps the new weight and keeps its state. Oracle: the unsplit optimizer with the
@@ -344,7 +363,7 @@ def test_a_parameter_assigned_after_split_is_taken_over_by_the_next_step(kind):
         oracle.opt.step()
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_fused_adamw_step_lands_in_the_weight_the_forward_reads(kind):
     """A fused step bumps no version counter: the weight, a no-grad read and the forward all see
     it. Oracle: an unsplit fused AdamW (close: fused kernels round by position on CPU)."""
@@ -424,7 +443,7 @@ def test_embedding_max_norm_trains_bitwise_like_unsplit(kind, opt_cls):
 
 # -- freezing idioms ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_requires_grad_false_freezes_like_unsplit(kind):
     oracle = _Oracle(kind)
     sm, ref = oracle.sm, oracle.ref
@@ -492,13 +511,15 @@ def test_a_plan_frozen_in_every_region_freezes_the_weight(plan):
 
 # -- the gradient between steps: W.grad, the unsplit gradient ------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_weight_grad_after_backward_is_the_unsplit_gradient(kind):
+@pytest.mark.parametrize("make_opt", [_adamw, _sgd], ids=["AdamW", "SGD-momentum"])
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_weight_grad_after_backward_is_the_unsplit_gradient(kind, make_opt):
+    """Also around a step that decays per element through the gradient (SGD, decay layout)."""
     ref, sm, groups = _pair(kind)
-    opt = torch.optim.AdamW(groups, lr=0.1)
+    opt = make_opt(groups)
     parts = [p for g in groups for p in g["params"]
              if all(p is not q for q in sm.parameters())]
-    assert parts
+    assert bool(parts) == (kind != "decay")  # the decay layout has no parts
     x, x2 = torch.randn(5, 12), torch.randn(5, 12)
     for model in (sm, ref):
         model(x).square().sum().backward()
@@ -523,7 +544,7 @@ def test_weight_grad_after_backward_is_the_unsplit_gradient(kind):
 
 # -- torch.func ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_functional_call_grad_vmap_jacrev_with_original_names(kind):
     from torch.func import functional_call, grad, jacrev, vmap
 
@@ -564,7 +585,7 @@ def test_functional_call_grad_vmap_jacrev_with_original_names(kind):
 
 # -- pickling and deepcopy ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 @pytest.mark.parametrize("how", ["torch.save", "deepcopy", "pickle"])
 def test_whole_model_pickles_and_copies_into_a_plain_working_model(kind, how):
     oracle = _Oracle(kind)
@@ -600,7 +621,7 @@ def test_whole_model_pickles_and_copies_into_a_plain_working_model(kind, how):
         got[0].weight.mul_(0)
     oracle.step()
     # and the copy can be split again
-    split_again, groups = paramsplit.split(got, {"0.weight": _oracle_plan(kind)})
+    split_again, groups = _split(got, {"0.weight": _oracle_plan(kind)}, kind)
     assert split_again is got and kind in paramsplit.describe(got)
     before = got[0].weight.detach().clone()
     opt = torch.optim.SGD(groups, lr=0.1)
@@ -612,7 +633,7 @@ def test_whole_model_pickles_and_copies_into_a_plain_working_model(kind, how):
 
 # -- optimizers not built from the groups -------------------------------------------------------
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_optimizer_not_built_from_the_groups_warns_naming_the_parameter(kind):
     ref, sm, groups = _pair(kind)
     opt = torch.optim.AdamW(sm.parameters(), lr=1e-3)
@@ -632,7 +653,7 @@ def test_optimizer_not_built_from_the_groups_warns_naming_the_parameter(kind):
     _assert_same(sm, ref)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_optimizer_built_from_the_groups_never_warns_also_with_an_lr_scheduler(kind):
     _, sm, groups = _pair(kind)
     x = torch.randn(2, 12)
@@ -648,8 +669,10 @@ def test_optimizer_built_from_the_groups_never_warns_also_with_an_lr_scheduler(k
             sched.step()
             lrs.append([g["lr"] for g in opt.param_groups])
         assert lrs[0] != lrs[-1]  # the warmup did change the groups' lr
-        # regrouped by hand within one optimizer, the scheduler's keys included: no warning
-        again = torch.optim.SGD([{"params": g["params"], "lr": g["lr"]}
+        # regrouped by hand within one optimizer, the scheduler's keys included: no warning (the
+        # decay layout's group is known by its name, with weight_decay 0: the regroup keeps it)
+        keys = ("lr", "name") if kind == "decay" else ("lr",)
+        again = torch.optim.SGD([{"params": g["params"], **{k: g[k] for k in keys}}
                                  for g in opt.param_groups], lr=0.1)
         torch.optim.lr_scheduler.StepLR(again, 1, gamma=0.5)
         sm(x).sum().backward()
@@ -659,12 +682,19 @@ def test_optimizer_built_from_the_groups_never_warns_also_with_an_lr_scheduler(k
 # -- RNNs ---------------------------------------------------------------------------------------
 
 _RNN_OPTIONS = [None, {"lr": 0.02, "weight_decay": 0.1}, {}]  # region 0 FROZEN; SGD lr 0.1
+#: the decay layout: every region trains; they differ in weight_decay only
+_RNN_DECAY_OPTIONS = [{"weight_decay": 0.0}, {"weight_decay": 0.1}, {}]
+
+
+def _rnn_options(kind):
+    return _RNN_DECAY_OPTIONS if kind == "decay" else _RNN_OPTIONS
 
 
 def _rnn_regions(kind, shape):
-    """Region ids (0 FROZEN, 1 and 2 trained with options of their own) and the plan."""
+    """Region ids (0 FROZEN, 1 and 2 trained with options of their own; for the decay layout all
+    three trained, by a mask) and the plan."""
     ids = torch.full(shape, 2)
-    opts = [FROZEN if o is None else o for o in _RNN_OPTIONS]
+    opts = [FROZEN if o is None else o for o in _rnn_options(kind)]
     if kind == "rows":
         a, b = shape[0] // 4, shape[0] // 2
         ids[:a], ids[a:b] = 0, 1
@@ -681,13 +711,13 @@ class _PerRegionSGD:
     """torch's for-loop SGD (momentum 0.9), each region with its own lr and weight_decay: the
     same tensor ops on the whole tensor, each element taken from its own region's result."""
 
-    def __init__(self, param, ids):
-        self.param, self.ids, self.bufs = param, ids, {}
+    def __init__(self, param, ids, options):
+        self.param, self.ids, self.options, self.bufs = param, ids, options, {}
 
     @torch.no_grad()
     def step(self):
         p, new = self.param, self.param.detach().clone()
-        for r, opts in enumerate(_RNN_OPTIONS):
+        for r, opts in enumerate(self.options):
             if opts is None:
                 continue
             lr, wd = opts.get("lr", 0.1), opts.get("weight_decay", 0.0)
@@ -702,7 +732,7 @@ class _PerRegionSGD:
 
 
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_rnn_split_trains_like_a_per_region_oracle(cls, kind):
     torch.manual_seed(0)
     ref = cls(6, 4, num_layers=2, batch_first=True)
@@ -715,7 +745,7 @@ def test_rnn_split_trains_like_a_per_region_oracle(cls, kind):
     opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     ref_opt = torch.optim.SGD([p for n, p in ref.named_parameters() if n != "weight_ih_l0"],
                               lr=0.1, momentum=0.9)
-    ref_split = _PerRegionSGD(ref.weight_ih_l0, ids)
+    ref_split = _PerRegionSGD(ref.weight_ih_l0, ids, _rnn_options(kind))
     init = sm.weight_ih_l0.detach().clone()
     g = torch.Generator().manual_seed(4)
     for _ in range(3):
@@ -731,7 +761,8 @@ def test_rnn_split_trains_like_a_per_region_oracle(cls, kind):
             assert torch.equal(p, q), n
         assert torch.equal(sm(x)[0], ref(x)[0])
     after = sm.state_dict()["weight_ih_l0"]
-    assert torch.equal(after[ids == 0], init[ids == 0]) and (after != init)[ids != 0].all()
+    trained = ids != 0 if kind != "decay" else torch.ones_like(ids, dtype=torch.bool)
+    assert torch.equal(after[~trained], init[~trained]) and (after != init)[trained].all()
     assert paramsplit.merge(sm) is sm
     dc = copy.deepcopy(sm)
     assert type(dc) is cls and torch.equal(dc(x)[0], sm(x)[0])

@@ -113,11 +113,14 @@ class _PutBack(transformers.TrainerCallback):
             self.weight[:self.rows] = self.before
 
 
-def test_trainer_logged_grad_norm_and_loss_equal_the_unsplit_run(tmp_path):
+@pytest.mark.parametrize("layout", ["parts", "decay"])
+def test_trainer_logged_grad_norm_and_loss_equal_the_unsplit_run(tmp_path, layout):
     """Between steps the gradient is the unsplit one (FROZEN rows included), so the norm Trainer
     clips by and logs is the unsplit run's, step after step. Both regions of the mask keep the
-    optimizer's defaults, so the unsplit run (FROZEN rows put back) is the oracle."""
-    model, groups = _trainer_run.build(0, decays=(0.0, None))
+    optimizer's defaults, so the unsplit run (FROZEN rows put back) is the oracle; the mask in
+    parts, or kept whole (the decay layout)."""
+    model, groups = _trainer_run.build(0, decays=(0.0, None),
+                                       per_element_decay=layout == "decay")
     plain = _trainer_run.gpt2(0)
     logs = []
     for m, opt, callbacks in (
@@ -150,7 +153,9 @@ def test_trainer_save_model_round_trips(tmp_path):
     _equal_state(again.state_dict(), model.state_dict())
 
 
-def _small(seed=0):
+def _small(seed=0, per_element_decay=False):
+    """Every part layout; ``1.weight``'s regions differ only in weight_decay: a mask of parts, or
+    with ``per_element_decay`` kept whole (the decay layout)."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 30))
     mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(3)) < 0.5
@@ -158,10 +163,14 @@ def _small(seed=0):
             "1": Regions(mask, {True: {"weight_decay": 0.0}, False: {"weight_decay": 0.2}}),
             "1.bias": Regions(torch.arange(8) % 2 == 0, {True: {"lr": 0.5}, False: {}}),
             "3": paramsplit.cols({(0, 4): {"lr": 0.5}})}
-    out = paramsplit.split(model, spec)
+    out = paramsplit.split(model, spec, per_element_decay=per_element_decay)
     assert {line.split()[-1] for line in paramsplit.describe(model).splitlines()[1:]} == \
-        {"rows", "mask", "cols"}
+        ({"rows", "mask", "cols", "decay"} if per_element_decay else {"rows", "mask", "cols"})
     return out
+
+
+def _small_decay(seed=0):
+    return _small(seed, per_element_decay=True)
 
 
 def _small_sparse(seed=0):
@@ -175,7 +184,7 @@ def _small_sparse(seed=0):
     return out
 
 
-SMALL = {"rows-mask-cols": _small, "sparse": _small_sparse}
+SMALL = {"rows-mask-cols": _small, "sparse": _small_sparse, "decay": _small_decay}
 
 
 def _train(model, opt, steps=2, seed=0):
@@ -230,7 +239,8 @@ def test_accelerate_save_state_and_load_state_round_trip(tmp_path, make):
         _train(fresh, fresh_opt, seed=4)
         _train(reference, ref_opt, seed=4)
     _equal_state(fresh.state_dict(), reference.state_dict())
-    frozen = {"rows-mask-cols": ("0.weight", (slice(0, 20),)), "sparse": None}[make]
+    frozen = {"rows-mask-cols": ("0.weight", (slice(0, 20),)), "sparse": None,
+              "decay": ("0.weight", (slice(0, 20),))}[make]
     if frozen is not None:
         name, where = frozen
         assert torch.equal(fresh.state_dict()[name][where],
@@ -309,3 +319,124 @@ def test_peft_lora_then_split_the_trainable_copy(key):
     # the adapter saves in PEFT's own format, the copy's trained values included
     state = peft.get_peft_model_state_dict(model)
     assert torch.equal(state["base_model.model.emb.weight"], trained)
+
+
+# -- PEFT on a model with tied input/output embeddings ---------------------------------------
+
+OLD, VOCAB = 30, 40  # tokens 30..39 are new: they train, the old ones are FROZEN
+
+
+def _tied_gpt2():
+    """A GPT-2 built from a config, its ``lm_head.weight`` tied to ``wte.weight``; no dropout."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2, tie_word_embeddings=True, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model
+
+
+def _peft_gpt2(**config):
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out for GPT-2's Conv1D, deprecations
+        return peft.get_peft_model(_tied_gpt2(), peft.LoraConfig(r=2, target_modules=["c_attn"],
+                                                                 **config))
+
+
+def _gpt2_batches(steps=3):
+    """Each batch holds every token once (the input embedding's every row gets a gradient)."""
+    g = torch.Generator().manual_seed(0)
+    return [torch.randperm(VOCAB, generator=g).reshape(4, VOCAB // 4) for _ in range(steps)]
+
+
+def _gpt2_step(model, opt, ids):
+    opt.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+
+
+def _tied_recipe(modules=("wte", "lm_head")):
+    """A new dict each time: PEFT rewrites the ``modules_to_save`` list it is given. PEFT
+    knows GPT-2's tie through the name ``lm_head`` (``wte`` alone is not recognised)."""
+    return {"modules_to_save": list(modules), "ensure_weight_tying": True}
+
+TIED_COPY = "base_model.model.transformer.wte.modules_to_save.default"
+
+
+@pytest.mark.parametrize("modules", [("wte", "lm_head"), ("lm_head",)], ids="+".join)
+def test_peft_tied_embeddings_recipe_trains_the_rows_the_output_layer_uses(modules):
+    """The recipe for tied embeddings: ``modules_to_save=["wte", "lm_head"]`` with
+    ``ensure_weight_tying=True`` makes PEFT's trainable copies of both one tensor; split that
+    tensor. New token rows train (their own options), the output layer computes with them, the
+    old rows stay FROZEN, and the adapter saves and loads them. Oracle: the same PEFT model
+    trained by a plain AdamW, its FROZEN rows put back after each step."""
+    peft = pytest.importorskip("peft")
+    model, ref = _peft_gpt2(**_tied_recipe(modules)), _peft_gpt2(**_tied_recipe(modules))
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    copy_weight = emb.modules_to_save["default"].weight
+    assert head.modules_to_save["default"].weight is copy_weight  # PEFT tied the copies
+    plan = rows({(0, OLD): FROZEN, (OLD, None): {"weight_decay": 0.0}})
+    _, groups = paramsplit.split(model, {"*.wte.modules_to_save.default": plan})
+    assert f"{TIED_COPY}.weight" in paramsplit.describe(model)
+    ref_copy = ref.get_input_embeddings().modules_to_save["default"].weight
+    assert ref.get_output_embeddings().modules_to_save["default"].weight is ref_copy
+    ref_opt = torch.optim.AdamW(
+        [{"params": [p for n, p in ref.named_parameters() if "lora_" in n]},
+         {"params": [ref_copy], "weight_decay": 0.0}], lr=1e-2)
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    probe = torch.arange(16).reshape(2, 8) % VOCAB
+    before = copy_weight.detach().clone()
+    logits_before = model(input_ids=probe).logits.detach()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="paramsplit")
+        for ids in _gpt2_batches():
+            _gpt2_step(model, opt, ids)
+            frozen_rows = ref_copy.detach()[:OLD].clone()
+            _gpt2_step(ref, ref_opt, ids)
+            with torch.no_grad():
+                ref_copy[:OLD] = frozen_rows
+            for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+                assert torch.equal(p, q), n
+    trained = copy_weight.detach()
+    assert torch.equal(trained[:OLD], before[:OLD])  # FROZEN rows unchanged
+    assert (trained[OLD:] != before[OLD:]).any(dim=1).all()  # every new row trained
+    # the output layer is the trained tensor: its logits are the final hidden states times it
+    out = model(input_ids=probe, output_hidden_states=True)
+    hidden = out.hidden_states[-1].detach()
+    assert head.modules_to_save["default"].weight is copy_weight
+    assert torch.equal(out.logits, nn.functional.linear(hidden, trained))
+    assert not torch.equal(out.logits[..., OLD:], nn.functional.linear(hidden, before)[..., OLD:])
+    assert not torch.equal(out.logits, logits_before)
+    # the adapter saves both names with the trained values, and loads back tied
+    state = peft.get_peft_model_state_dict(model)
+    assert torch.equal(state["base_model.model.transformer.wte.weight"], trained)
+    assert torch.equal(state["base_model.model.lm_head.weight"], trained)
+    fresh = _peft_gpt2(**_tied_recipe(modules))
+    peft.set_peft_model_state_dict(fresh, state)
+    fresh_copy = fresh.get_input_embeddings().modules_to_save["default"].weight
+    assert fresh.get_output_embeddings().modules_to_save["default"].weight is fresh_copy
+    assert torch.equal(fresh(input_ids=probe).logits, out.logits)
+
+
+def test_peft_modules_to_save_of_the_input_embedding_alone_leaves_the_tied_head_behind():
+    """Why the recipe above names ``lm_head`` too: with ``modules_to_save=["wte"]`` alone
+    (the README's recipe in 0.3.0), PEFT trains a copy of the embedding, and the tied
+    ``lm_head`` keeps computing with the original weight, so the trained new-token rows never
+    reach the output layer."""
+    model = _peft_gpt2(modules_to_save=["wte"])
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    copy_weight = emb.modules_to_save["default"].weight
+    assert isinstance(head, nn.Linear) and head.weight is not copy_weight
+    assert head.weight is emb.original_module.weight and not head.weight.requires_grad
+    plan = rows({(0, OLD): FROZEN, (OLD, None): {"weight_decay": 0.0}})
+    _, groups = paramsplit.split(model, {"*.wte.modules_to_save.default": plan})
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    head_before = head.weight.detach().clone()
+    before = copy_weight.detach().clone()
+    for ids in _gpt2_batches():
+        _gpt2_step(model, opt, ids)
+    assert (copy_weight[OLD:] != before[OLD:]).any(dim=1).all()  # the copy's new rows trained
+    assert torch.equal(head.weight, head_before)  # ... the output layer never sees them

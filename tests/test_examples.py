@@ -12,9 +12,17 @@ PRINTS = {
     "freeze_embedding.py": ["old rows unchanged, new rows trained", "none for the 32000 frozen"],
     "gpt2_new_tokens.py": ["old rows unchanged: 1000 rows bitwise equal",
                            "new rows changed: 100/100", "loads into a plain GPT-2"],
-    "seed_linear.py": ["loss after 200 steps", "  5-9 ", "loads into a plain nn.Linear"],
+    "seed_linear.py": ["AdamW: loss after 200 steps", "SGD: loss after 200 steps",
+                       "per-element rule at every step, bit for bit",
+                       "'per-element weight_decay': weight_decay=0.0", "  5-9 ",
+                       "loads into a plain nn.Linear"],
     "sparse_finetune.py": ["optimizer state", "bitwise unchanged; trained elements moved: ok"],
+    "rigl.py": ["2 drop-and-grow updates", "elements never trained bitwise unchanged: ok",
+                "time in paramsplit.resplit:", "RigL  fixed mask"],
 }
+
+#: environment variables an example runs with here (shorter runs of the same code)
+ENV = {"rigl.py": {"RIGL_STEPS": "120"}}  # 2 updates (steps 50 and 100) instead of 5
 
 
 def test_examples_exist():
@@ -22,7 +30,9 @@ def test_examples_exist():
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_runs(path, capsys):
+def test_example_runs(path, capsys, monkeypatch):
+    for key, value in ENV.get(path.name, {}).items():
+        monkeypatch.setenv(key, value)
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     assert out.strip()

@@ -16,13 +16,17 @@ from torch import nn
 
 import paramsplit as ps
 
-KINDS = ["rows", "cols", "mask", "sparse"]
+KINDS = ["rows", "cols", "mask", "sparse", "decay"]
 
 
 def spec_of(kind: str) -> dict:
-    """Two regions whose options differ in form only: the optimizers' default weight_decay is
-    0.05 too, so the unsplit model is the oracle."""
-    opts = {"weight_decay": 0.05}
+    """Two regions whose options differ in form only: the optimizers' defaults are lr 0.05 and
+    weight_decay 0.05 too, so the unsplit model is the oracle. ``decay``: regions that differ in
+    weight_decay only, which take the ``decay`` layout (no parts)."""
+    opts = {"lr": 0.05}
+    if kind == "decay":
+        mask = torch.rand(9, 12, generator=torch.Generator().manual_seed(0)) > 0.5
+        return {"0": ps.Regions(mask, {True: {"weight_decay": 0.05}, False: {}})}
     if kind == "rows":
         return {"0": ps.rows({(0, 4): opts, (4, None): {}})}
     if kind == "cols":
@@ -93,6 +97,7 @@ def test_weight_grad_after_backward_is_the_unsplit_gradient(kind):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad), name  # FROZEN elements hold the backward's gradient
     split = ps._sync._SPLITS[model[0].weight]
+    assert split.label == kind
     assert all(part.grad is None for part in split.parts)  # parts hold gradients only in a step
 
 
@@ -186,7 +191,7 @@ def test_other_element_wise_optimizers_with_foreach(kind, opt_name):
     make = {"sgd": lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9, weight_decay=0.05,
                                              foreach=True),
             "adam": lambda g: torch.optim.Adam(g, lr=0.05, weight_decay=0.05, foreach=True),
-            "rmsprop": lambda g: torch.optim.RMSprop(g, lr=0.01, weight_decay=0.05,
+            "rmsprop": lambda g: torch.optim.RMSprop(g, lr=0.05, weight_decay=0.05,
                                                      foreach=True)}[opt_name]
     model, opt, ref, ref_opt, fix = pair(kind, make)
     for xy in batches(3):
@@ -195,4 +200,21 @@ def test_other_element_wise_optimizers_with_foreach(kind, opt_name):
             loss_fn(m, xy).backward()
             o.step()
         fix()
+        assert_equal_models(model, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_with_a_closure(kind):
+    """``optimizer.step(closure)`` (Lightning's automatic optimization): the closure's
+    zero_grad and backward run before the parts take their gradients."""
+    model, opt, ref, ref_opt, _ = pair(kind)
+    for xy in batches(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            def closure(m=m, o=o):
+                o.zero_grad()
+                loss = loss_fn(m, xy)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)
+                return loss
+            o.step(closure)
         assert_equal_models(model, ref)

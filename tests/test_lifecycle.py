@@ -42,6 +42,22 @@ SPEC_A = {"0.weight": rows({(0, 4): SAME}), "2": Regions(torch.arange(45).reshap
                                                          {0: {}, 1: SAME})}
 SPEC_B = {"0.weight": Regions(torch.arange(108).reshape(9, 12) % 3, {0: {}, 1: SAME, 2: {}}),
           "2": cols({(0, 3): SAME})}
+#: describe's layouts of SPEC_A / SPEC_B, with parts; their regions differ only in
+#: weight_decay, so with per_element_decay (the default) every weight is kept whole ("decay")
+LAYOUTS_A = {"0.weight": "rows", "2.weight": "mask"}
+LAYOUTS_B = {"0.weight": "mask", "2.weight": "cols"}
+LAYOUTS = ["parts", "decay"]
+
+
+def _split(model, spec, layout="parts"):
+    """``paramsplit.split`` with parts (per_element_decay=False) or the decay layout."""
+    return paramsplit.split(model, spec, per_element_decay=layout == "decay")
+
+
+def _layouts(model):
+    """{parameter name: its layout} from describe's table."""
+    return {line.split()[0]: line.split()[-1]
+            for line in paramsplit.describe(model).splitlines()[1:]}
 
 
 def _adamw(params):
@@ -62,15 +78,18 @@ def _assert_same_weights(model, ref):
         assert torch.equal(p, q), name
 
 
-def test_checkpoint_resume_is_bitwise(tmp_path):
-    split_model, groups = paramsplit.split(_model(), SPEC_A)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpoint_resume_is_bitwise(tmp_path, layout):
+    split_model, groups = _split(_model(), SPEC_A, layout)
+    assert _layouts(split_model) == (LAYOUTS_A if layout == "parts" else
+                                     dict.fromkeys(LAYOUTS_A, "decay"))
     opt = _adamw(groups)
     _steps(split_model, opt, 3, seed=1)
     torch.save({"model": split_model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
     _steps(split_model, opt, 3, seed=2)
 
     ck = torch.load(tmp_path / "ck.pt", weights_only=True)
-    resumed, groups = paramsplit.split(_model(seed=5), SPEC_A)
+    resumed, groups = _split(_model(seed=5), SPEC_A, layout)
     resumed.load_state_dict(ck["model"], strict=True)
     opt2 = _adamw(groups)
     opt2.load_state_dict(ck["opt"])
@@ -79,12 +98,12 @@ def test_checkpoint_resume_is_bitwise(tmp_path):
 
 
 def test_resuming_optimizer_state_of_another_split_raises_at_the_first_step(tmp_path):
-    split_model, groups = paramsplit.split(_model(), SPEC_A)
+    """Parts cut another way (the fingerprints of the parts differ)."""
+    split_model, groups = _split(_model(), SPEC_A)
     opt = _adamw(groups)
     _steps(split_model, opt, 1, seed=1)
     saved = opt.state_dict()
-    other, other_groups = paramsplit.split(_model(), {"0.weight": rows({(0, 5): SAME}),
-                                                      "2": SPEC_A["2"]})
+    other, other_groups = _split(_model(), {"0.weight": rows({(0, 5): SAME}), "2": SPEC_A["2"]})
     opt2 = _adamw(other_groups)
     opt2.load_state_dict(saved)  # the same number of tensors per group: torch accepts it
     before = {n: p.detach().clone() for n, p in other.named_parameters()}
@@ -119,10 +138,11 @@ def test_merged_optimizer_state_is_in_the_original_layout():
     assert opt.state[part0]["exp_avg"].abs().sum() > 0
 
 
-def test_merged_optimizer_state_matches_the_unsplit_optimizer_state():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merged_optimizer_state_matches_the_unsplit_optimizer_state(layout):
     """Equal options: the merged moments are the unsplit AdamW's, bitwise, element by element."""
     ref = _model()
-    split_model, groups = paramsplit.split(copy.deepcopy(ref), SPEC_B)
+    split_model, groups = _split(copy.deepcopy(ref), SPEC_B, layout)
     opt, ref_opt = _adamw(groups), _adamw(ref.parameters())
     _steps(split_model, opt, 3, seed=1)
     _steps(ref, ref_opt, 3, seed=1)
@@ -132,9 +152,10 @@ def test_merged_optimizer_state_matches_the_unsplit_optimizer_state():
             assert torch.equal(state[name][key], ref_opt.state[p][key]), (name, key)
 
 
-def test_merged_optimizer_state_of_another_models_optimizer_raises():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merged_optimizer_state_of_another_models_optimizer_raises(layout):
     model = _model()
-    split_model, groups = paramsplit.split(model, SPEC_A)
+    split_model, groups = _split(model, SPEC_A, layout)
     copied = copy.deepcopy(model)
     copy_opt = _adamw(copied.parameters())
     _steps(copied, copy_opt, 1, seed=1)
@@ -148,29 +169,31 @@ def test_merged_optimizer_state_of_another_models_optimizer_raises():
         "0.weight", "0.bias", "2.weight", "2.bias"}
 
 
-def _split_with_state(model, spec, state):
+def _split_with_state(model, spec, state, layout="parts"):
     """Split ``model`` and give its AdamW the merged optimizer ``state`` of an earlier run."""
-    split_model, groups = paramsplit.split(model, spec)
+    split_model, groups = _split(model, spec, layout)
     opt = _adamw(groups)
     paramsplit.load_merged_optimizer_state(opt, split_model, state)
     return split_model, opt
 
 
-def test_switching_to_a_split_mid_training_keeps_adam_moments():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_switching_to_a_split_mid_training_keeps_adam_moments(layout):
     ref = _model()
     ref_opt = _adamw(ref.parameters())
     _steps(ref, ref_opt, 3, seed=1)
 
     state = paramsplit.merged_optimizer_state(ref_opt, ref)  # an unsplit run: plain names
     assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-    split_model, opt = _split_with_state(copy.deepcopy(ref), SPEC_A, state)
+    split_model, opt = _split_with_state(copy.deepcopy(ref), SPEC_A, state, layout)
 
     _steps(ref, ref_opt, 3, seed=2)
     _steps(split_model, opt, 3, seed=2)
     _assert_same_weights(split_model, ref)
 
 
-def test_switching_the_same_model_to_a_split_mid_training_keeps_adam_moments():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_switching_the_same_model_to_a_split_mid_training_keeps_adam_moments(layout):
     """Not a copy: the model trained unsplit is split in place, with a new optimizer."""
     model = _model()
     ref = copy.deepcopy(model)
@@ -178,26 +201,29 @@ def test_switching_the_same_model_to_a_split_mid_training_keeps_adam_moments():
     _steps(model, opt, 3, seed=1)
     _steps(ref, ref_opt, 3, seed=1)
     state = paramsplit.merged_optimizer_state(opt, model)
-    same, new_opt = _split_with_state(model, SPEC_B, state)
+    same, new_opt = _split_with_state(model, SPEC_B, state, layout)
     assert same is model
     _steps(ref, ref_opt, 3, seed=2)
     _steps(model, new_opt, 3, seed=2)
     _assert_same_weights(model, ref)
 
 
-def test_resplitting_with_another_spec_carries_values_and_state():
+@pytest.mark.parametrize("layout_a, layout_b", [("parts", "parts"), ("decay", "decay"),
+                                                ("parts", "decay"), ("decay", "parts")])
+def test_resplitting_with_another_spec_carries_values_and_state(layout_a, layout_b):
     ref = _model()
     ref_opt = _adamw(ref.parameters())
-    split_a, groups_a = paramsplit.split(copy.deepcopy(ref), SPEC_A)
+    split_a, groups_a = _split(copy.deepcopy(ref), SPEC_A, layout_a)
     opt_a = _adamw(groups_a)
     _steps(ref, ref_opt, 3, seed=1)
     _steps(split_a, opt_a, 3, seed=1)
 
     state = paramsplit.merged_optimizer_state(opt_a, split_a)
     assert paramsplit.merge(split_a) is split_a
-    split_b, opt_b = _split_with_state(split_a, SPEC_B, state)  # split again: no merge needed
+    split_b, opt_b = _split_with_state(split_a, SPEC_B, state, layout_b)  # again: no merge
     assert split_b is split_a
-    assert "cols" in paramsplit.describe(split_b) and "rows" not in paramsplit.describe(split_b)
+    assert _layouts(split_b) == (LAYOUTS_B if layout_b == "parts" else
+                                 dict.fromkeys(LAYOUTS_B, "decay"))
     _steps(ref, ref_opt, 3, seed=2)
     _steps(split_b, opt_b, 3, seed=2)
     _assert_same_weights(split_b, ref)
@@ -211,13 +237,14 @@ def test_resplitting_with_another_spec_carries_values_and_state():
     _assert_same_weights(plain, ref)
 
 
-def test_merged_optimizer_state_for_sgd_momentum():
-    split_model, groups = paramsplit.split(_model(), SPEC_B)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merged_optimizer_state_for_sgd_momentum(layout):
+    split_model, groups = _split(_model(), SPEC_B, layout)
     opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
     _steps(split_model, opt, 2, seed=1)
     state = paramsplit.merged_optimizer_state(opt, split_model)
     assert state["0.weight"]["momentum_buffer"].shape == (9, 12)
-    other, groups2 = paramsplit.split(paramsplit.merge(split_model), SPEC_A)
+    other, groups2 = _split(paramsplit.merge(split_model), SPEC_A, layout)
     opt2 = torch.optim.SGD(groups2, lr=0.1, momentum=0.9)
     paramsplit.load_merged_optimizer_state(opt2, other, state)
     assert torch.equal(paramsplit.merged_optimizer_state(opt2, other)["0.weight"]["momentum_buffer"],
@@ -247,11 +274,14 @@ def test_merge_returns_the_model_itself_and_keeps_ties():
     assert not torch.equal(plain.emb.weight[15:], start.emb.weight[15:])
 
 
-def test_tied_parameter_split_keeps_the_tie_and_trains_like_the_unsplit_model():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tied_parameter_split_keeps_the_tie_and_trains_like_the_unsplit_model(layout):
     model = TiedLM()
     ref = copy.deepcopy(model)
-    split_model, groups = paramsplit.split(model, {"head": rows({(0, 10): SAME})})
+    split_model, groups = _split(model, {"head": rows({(0, 10): SAME})}, layout)
     assert split_model.head.weight is split_model.emb.weight  # still tied
+    assert len(_parts(model.emb.weight)) == (2 if layout == "parts" else 0)
+    assert set(_layouts(model).values()) == {"rows" if layout == "parts" else "decay"}
     ids = [id(p) for g in groups for p in g["params"]]
     assert len(ids) == len(set(ids))  # the tied weight (the carrier) once, its parts once
     assert sorted(ids) == sorted(map(id, list(model.parameters()) + _parts(model.emb.weight)))
@@ -294,12 +324,12 @@ def test_torch_compile_fullgraph_forward_and_training_step():
     torch._dynamo.reset()
     model = _model()
     eager = copy.deepcopy(model)
-    _, groups = paramsplit.split(model, _compile_spec())
+    _, groups = _split(model, _compile_spec())
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break raises
     x = torch.randn(6, 12)
     torch.testing.assert_close(compiled(x), eager(x))
 
-    _, eager_groups = paramsplit.split(eager, _compile_spec())
+    _, eager_groups = _split(eager, _compile_spec())
     opt, eager_opt = _adamw(groups), _adamw(eager_groups)
     for m, o in ((compiled, opt), (eager, eager_opt)):
         for _ in range(2):
@@ -314,7 +344,7 @@ def test_torch_compile_fullgraph_forward_and_training_step():
 def test_dtype_and_half_conversions():
     model = _model()
     ref = copy.deepcopy(model)
-    split_model, _ = paramsplit.split(model, SPEC_B)
+    split_model, _ = _split(model, SPEC_B)
     x = torch.randn(4, 12)
     for dtype, convert in ((torch.float16, nn.Module.half), (torch.bfloat16, nn.Module.bfloat16),
                            (torch.float64, nn.Module.double)):
@@ -327,10 +357,11 @@ def test_dtype_and_half_conversions():
     assert list(split_model.buffers()) == []  # no index buffers to keep out of a conversion
 
 
-def test_autocast_bf16_on_cpu_forward_and_training():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_autocast_bf16_on_cpu_forward_and_training(layout):
     model = _model()
     ref = copy.deepcopy(model)
-    split_model, groups = paramsplit.split(model, SPEC_A)
+    split_model, groups = _split(model, SPEC_A, layout)
     x = torch.randn(4, 12)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = split_model(x), ref(x)
@@ -350,7 +381,7 @@ def test_autocast_bf16_on_cpu_forward_and_training():
 def test_safetensors_round_trip_of_merged_weights(tmp_path):
     import safetensors.torch as safetensors
     model = _model()
-    split_model, groups = paramsplit.split(model, SPEC_B)
+    split_model, groups = _split(model, SPEC_B)
     _steps(split_model, _adamw(groups), 1, seed=1)
     safetensors.save_file(paramsplit.merged_state_dict(split_model), str(tmp_path / "w.safetensors"))
     fresh = _model(seed=3)
@@ -358,7 +389,7 @@ def test_safetensors_round_trip_of_merged_weights(tmp_path):
     x = torch.randn(2, 12)
     assert torch.equal(fresh(x), split_model(x))
     # and an original-format safetensors file loads into a split model
-    other, _ = paramsplit.split(_model(seed=4), SPEC_A)
+    other, _ = _split(_model(seed=4), SPEC_A)
     paramsplit.load_merged_state_dict(other, safetensors.load_file(str(tmp_path / "w.safetensors")))
     assert torch.equal(other(x), split_model(x))
 

@@ -585,20 +585,25 @@ def test_first_adamw_step_matches_closed_form():
     torch.testing.assert_close(sm.bias.detach(), want_b, rtol=0, atol=1e-6)
 
 
-def test_weight_decay_tensor_plan_matches_oracle():
+@pytest.mark.parametrize("layout", ["parts", "decay"])
+def test_weight_decay_tensor_plan_matches_oracle(layout):
+    """A tensor of weight decays: one part per value (per_element_decay=False), or the weight
+    kept whole and decayed per element (the decay layout); both are the per-region oracle."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3))
     wd = torch.full((5, 6), 0.01)
     wd[:, :2] = 0.0
     wd[1] = 0.3
     ref = copy.deepcopy(model)
-    sm, groups = ps.split(model, {"0": wd})
+    sm, groups = ps.split(model, {"0": wd}, per_element_decay=layout == "decay")
     opt = torch.optim.AdamW(groups, lr=LR, weight_decay=WD, foreach=False)
     values = sorted(wd.unique().tolist())  # region order: ascending weight decay
     oracle, leaves = oracle_optimizer(ref, {"0.weight": ([wd == v for v in values],
                                                          [{"weight_decay": v} for v in values])},
                                       torch.optim.AdamW, lr=LR, weight_decay=WD, foreach=False)
-    assert len(parts_of(sm, "0.weight")) == len(values)
+    assert len(parts_of(sm, "0.weight")) == (len(values) if layout == "parts" else 0)
+    assert ps.describe(sm).splitlines()[1].split()[-1] == ("mask" if layout == "parts" else
+                                                            "decay")
     for step in range(3):
         x = torch.randn(4, 6)
         opt.zero_grad()
@@ -825,18 +830,25 @@ META_REGIONS = {
 }
 
 
+@pytest.mark.parametrize("layout", ["parts", "decay"])
 @pytest.mark.parametrize("materialize", ["to_empty", "assign"])
-def test_meta_device_split_then_materialize_and_train(materialize):
+def test_meta_device_split_then_materialize_and_train(materialize, layout):
     """Split on the meta device, materialize (``to_empty`` and a load, or a load with
     ``assign=True``), train: bitwise the per-region oracle on the real model. A weight replaced
-    by an ``assign=True`` load during training is taken over at the next step."""
+    by an ``assign=True`` load during training is taken over at the next step. ``pos``,
+    ``norm`` and ``conv`` differ only in weight_decay: parts (per_element_decay=False), or kept
+    whole (the decay layout) beside the others' parts."""
     torch.manual_seed(0)
     real = SmallNet()
     ref = copy.deepcopy(real)
     with torch.device("meta"):
         meta = SmallNet()
-    sm, _ = ps.split(meta, META_SPEC)
+    sm, _ = ps.split(meta, META_SPEC, per_element_decay=layout == "decay")
     assert sm is meta
+    layouts = {r.split()[0]: r.split()[-1] for r in ps.describe(sm).splitlines()[1:]}
+    decayed = {"pos", "norm.weight", "conv.weight"}
+    assert {n for n, v in layouts.items() if v == "decay"} == (decayed if layout == "decay"
+                                                               else set())
     assert all(p.device.type == "meta" for p in sm.parameters())
     assert [n for n, _ in sm.named_parameters()] == [n for n, _ in real.named_parameters()]
     state = {k: v.clone() for k, v in real.state_dict().items()}
@@ -983,19 +995,27 @@ HF_EXPECTED_SPLIT = {
 }
 
 
-def hf_pair(name):
+def hf_pair(name, per_element_decay=True):
     build, spec = HF_SPECS[name]
     model = build()
     ref = copy.deepcopy(model)
-    sm, groups = ps.split(model, spec)
+    sm, groups = ps.split(model, spec, per_element_decay=per_element_decay)
     return build, ref, sm, groups
 
 
-@pytest.mark.parametrize("name", list(HF_SPECS))
-def test_hf_logits_bitwise_and_step(name):
-    build, ref, sm, groups = hf_pair(name)
+#: the specs with plans whose regions differ only in weight_decay (the decay layout, unless
+#: per_element_decay=False): each runs with parts and with the decay layout
+HF_DECAY = {"gpt2-wildcard", "gpt2-callable", "bert-callable", "llama-wildcard", "llama-callable"}
+
+
+@pytest.mark.parametrize("name,layout", [(n, layout) for n in HF_SPECS for layout in
+                                         (["parts", "decay"] if n in HF_DECAY else ["parts"])])
+def test_hf_logits_bitwise_and_step(name, layout):
+    build, ref, sm, groups = hf_pair(name, per_element_decay=layout == "decay")
     split_names = {r.split()[0] for r in ps.describe(sm).splitlines()[1:]}
     assert split_names == HF_EXPECTED_SPLIT[name](ref), ps.describe(sm)
+    layouts = {r.split()[-1] for r in ps.describe(sm).splitlines()[1:]}
+    assert ("decay" in layouts) == (layout == "decay"), layouts
     ids = _ids()
     for mode in (False, True):
         ref.train(mode)

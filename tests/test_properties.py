@@ -62,7 +62,8 @@ def cases(draw):
         dim = 0 if kind == "rows" else 1
         blocks = _blocks(draw, shape[dim])
         plan = rows(blocks) if kind == "rows" else cols(blocks)
-    return shape, plan, seed
+    per_element_decay = draw(st.booleans())
+    return shape, plan, seed, per_element_decay
 
 
 def _per_element(plan, shape):
@@ -96,19 +97,26 @@ def _per_element(plan, shape):
     lr = torch.tensor([LR if o is FROZEN else o.get("lr", LR) for o in opts], dtype=torch.float64)
     wd = torch.tensor([WD if o is FROZEN else o.get("weight_decay", WD) for o in opts],
                       dtype=torch.float64)
-    return keys, frozen, lr, wd
+    return keys, frozen, lr, wd, opts
 
 
 @settings(max_examples=60, deadline=None)
 @given(cases(), dtypes)
 def test_random_splits_are_exact(case, dtype):
-    shape, plan, seed = case
+    shape, plan, seed, per_element_decay = case
     torch.manual_seed(seed)
     model = Raw(shape, dtype)
     ref = copy.deepcopy(model)
     w = model.w
-    split_model, groups = paramsplit.split(model, {"w": plan})
-    keys, frozen, lr, wd = _per_element(plan, shape)
+    split_model, groups = paramsplit.split(model, {"w": plan},
+                                           per_element_decay=per_element_decay)
+    keys, frozen, lr, wd, opts = _per_element(plan, shape)
+    n_regions = len(set(keys))
+    # the decay layout: several regions, all trained, differing in weight_decay only
+    decay = per_element_decay and n_regions > 1 and not frozen.any() and all(
+        set(o) <= {"weight_decay"} for o in opts)
+    layout = paramsplit.describe(model).splitlines()[1].split()[-1]
+    assert (layout == "decay") == decay, layout
 
     # the model itself, untouched; forward bitwise
     assert split_model is model and model.w is w
@@ -130,9 +138,12 @@ def test_random_splits_are_exact(case, dtype):
 
     # the parts: one per trained region (none when the plan has one region), nothing FROZEN
     regions = {k for k, f in zip(keys, frozen.tolist()) if not f}
-    n_regions = len(set(keys))
-    assert len(parts) == (0 if n_regions == 1 else len(regions))
-    assert sum(p.numel() for p in parts) == (0 if n_regions == 1 else int((~frozen).sum()))
+    whole = n_regions == 1 or decay  # no parts
+    assert len(parts) == (0 if whole else len(regions))
+    assert sum(p.numel() for p in parts) == (0 if whole else int((~frozen).sum()))
+    if decay:  # the weight alone in its group, which does not decay it itself
+        (group,) = groups
+        assert group["params"] == [w] and group["weight_decay"] == 0.0
 
     if all_frozen:  # in no group, no gradient
         assert not any(p is w for g in groups for p in g["params"])
@@ -153,6 +164,17 @@ def test_random_splits_are_exact(case, dtype):
     opt.register_step_pre_hook(inside)  # runs after paramsplit's global pre-hook
     before = w.detach().clone()
     opt.step()
+    flat_w, flat_x = before.reshape(-1), x.reshape(-1)
+    if decay:  # SGD decays through the gradient: the step sees g + wd * w, per element
+        coupled = flat_x.clone()
+        for ewd in set(wd.tolist()):
+            coupled[wd == ewd] = flat_x[wd == ewd].add(flat_w[wd == ewd], alpha=ewd)
+        got = seen["weight_grad"].reshape(-1)
+        if dtype == torch.bfloat16:  # rounding by position, as below
+            bound = 2 ** -7 * (flat_x.double().abs() + wd * flat_w.double().abs())
+            assert ((got.double() - coupled.double()).abs() <= bound).all()
+        else:
+            assert torch.equal(got, coupled)
     if parts:
         assert seen["weight_grad"] is None  # hidden from the optimizer during the step
         by_key = {}
@@ -194,7 +216,7 @@ def test_random_splits_are_exact(case, dtype):
     merged = paramsplit.merged_state_dict(split_model)
     assert list(merged) == ["w"] and torch.equal(merged["w"], w.detach())
     other = Raw(shape, dtype)
-    other_split, _ = paramsplit.split(other, {"w": plan})
+    other_split, _ = paramsplit.split(other, {"w": plan}, per_element_decay=per_element_decay)
     paramsplit.load_merged_state_dict(other_split, merged)
     assert torch.equal(other_split.w, w)
 

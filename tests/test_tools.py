@@ -80,7 +80,9 @@ def test_meta_model_split_then_load_state_dict_assign(kind):
     model, groups = ps.split(model, spec)
     model.load_state_dict(ref.state_dict(), assign=True)
     groups = ps.param_groups(model)
-    assert [g["name"] for g in groups] == ["default", "weight_decay=0.05"]
+    _, fresh = ps.split(make_model(), spec)  # the same plans on a model built the usual way
+    assert [(g["name"], [p.shape for p in g["params"]]) for g in groups] == \
+        [(g["name"], [p.shape for p in g["params"]]) for g in fresh]
     opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.05, foreach=False)
     for xy in batches(3):
         train(model, opt, [xy])
@@ -255,9 +257,46 @@ def test_optimizer_state_of_another_layout_is_refused_at_the_first_step():
     saved = opt.state_dict()
     other = make_model()
     mask = torch.rand(9, 12, generator=torch.Generator().manual_seed(7)) > 0.5
-    other, groups = ps.split(other, {"0": ps.Regions(mask, {True: {"weight_decay": 0.05},
-                                                             False: {}})})
+    other, groups = ps.split(other, {"0": ps.Regions(mask, {True: {"lr": 0.05}, False: {}})})
     opt2 = torch.optim.AdamW(groups, lr=0.05)
     opt2.load_state_dict(saved)  # same counts and shapes: torch cannot tell
     with pytest.raises(RuntimeError, match="saved .* for parameters split another way"):
         train(other, opt2, batches(1))
+
+
+@pytest.mark.parametrize("make", [
+    lambda g: torch.optim.Adafactor(g, lr=0.01),
+    lambda g: torch.optim.Muon([{**group, "params": [q for q in group["params"] if q.dim() == 2]}
+                                for group in g if any(q.dim() == 2 for q in group["params"])],
+                               lr=0.01),  # Muon takes 2-D tensors only: regrouped by ndim
+], ids=["Adafactor", "Muon"])
+def test_per_tensor_optimizers_stepping_parts_warn_naming_them(make):
+    model, _, _, _, _ = pair("rows")
+    opt = make(ps.param_groups(model))
+    with pytest.warns(UserWarning, match=rf"paramsplit: {type(opt).__name__} computes statistics "
+                                         r"of each whole tensor.*'0.weight'"):
+        train(model, opt, batches(1))
+    model, _, _, _, _ = pair("decay")  # per-element weight_decay keeps the tensor whole: silent
+    opt = make(ps.param_groups(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, batches(1))
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_pickled_or_copied_groups_raise_instead_of_stepping_whole_weights(how):
+    """A ddp_spawn worker gets a pickled copy of the groups: its parts are plain tensors that
+    nothing syncs with the weight."""
+    import pickle
+
+    model, _, _, _, _ = pair("mask")
+    groups = ps.param_groups(model)
+    if how == "pickle":
+        model, groups = pickle.loads(pickle.dumps((model, groups)))
+    else:
+        model, groups = copy.deepcopy((model, groups))
+    opt = torch.optim.AdamW(groups, lr=0.05)
+    before = model[0].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="groups were pickled or copied"):
+        train(model, opt, batches(1))
+    assert torch.equal(model[0].weight, before)
