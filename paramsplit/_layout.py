@@ -173,10 +173,14 @@ class _Mask(_Layout):
         super().__init__(target)
         ids = target.region_ids
         assert ids is not None
-        order = torch.argsort(ids, stable=True)
-        trained = torch.zeros(len(self.regions), dtype=torch.bool)
-        trained[self.trained] = True
-        self.perm = order[trained[ids[order].long()]]  # on the CPU; per device in _on
+        if len(self.trained) <= 8:  # one pass per region: cheaper than sorting them all
+            self.perm = torch.cat([torch.nonzero(ids == i).flatten() for i in self.trained])
+        else:
+            order = torch.argsort(ids, stable=True)
+            trained = torch.zeros(len(self.regions), dtype=torch.bool)
+            trained[self.trained] = True
+            self.perm = order[trained[ids[order].long()]]
+        # self.perm is on the CPU; per device in _on
         self._on: dict[torch.device, Tensor] = {}
         self.sizes = [self.regions[i].numel for i in self.trained]
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ._groups import _param_groups
 from ._spec import MAX_REGIONS, Spec
 from ._split import _plan
-from ._sync import _CACHE, _SPLITS, LAYOUT_KEY, _is_wrapper, _register, _Split
+from ._sync import _CACHE, _PART, _SPLITS, LAYOUT_KEY, _is_wrapper, _register, _Split
 
 
 def resplit(optimizer: torch.optim.Optimizer, model: nn.Module, spec: Spec, *,
@@ -158,9 +158,12 @@ def _regroup(optimizer: torch.optim.Optimizer, model: nn.Module, added: set[int]
         target = by_name.get(group["name"])
         if target is not None:
             target["params"] = params + target["params"]
-            target[LAYOUT_KEY] = group[LAYOUT_KEY]
         elif params:
             optimizer.add_param_group({**group, "params": params})
             warnings.warn(f"paramsplit.resplit: added param group {group['name']!r} for new "
                           f"options; LR schedulers created before do not schedule it",
                           stacklevel=3)
+    for g in optimizer.param_groups:  # the fingerprints of the parts each group holds now
+        if LAYOUT_KEY in g:
+            g[LAYOUT_KEY] = sorted(tag[0].part_digest(tag[1]) for p in g["params"]
+                                   if (tag := getattr(p, _PART, None)) is not None)

@@ -420,8 +420,8 @@ _CACHE: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[Any]]] 
     weakref.WeakKeyDictionary()
 
 
-def _signature(optimizer: torch.optim.Optimizer) -> tuple[tuple[int, int], ...]:
-    return tuple((id(g), len(g["params"])) for g in optimizer.param_groups)
+def _signature(optimizer: torch.optim.Optimizer) -> tuple[tuple[int, int, int], ...]:
+    return tuple((id(g), id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
 
 
 def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:

@@ -120,6 +120,35 @@ def test_split_time_quick(tmp_path, capsys):
     assert run["layouts"] == ["rows"]  # parts: split with per_element_decay=False
 
 
+def test_resplit_time_quick(tmp_path, capsys):
+    """``resplit_time.py --quick``: a 2-layer GPT-2's 8 block weights, a random 5% mask each,
+    resplit at every changed share after a training step; every figure present and positive,
+    the verdicts consistent with the figures."""
+    pytest.importorskip("transformers")
+    assert _load("resplit_time").main(["--quick", "--json", str(tmp_path / "rt.json")]) == 0
+    out = capsys.readouterr().out
+    assert "claim 'a RigL update every 100 steps costs under 1% of training time'" in out
+    assert "break-even: the claim holds once a training step takes more than" in out
+    data = json.loads((tmp_path / "rt.json").read_text())
+    assert data["quick"] and data["split_weights"] == 2 * 4
+    assert data["layouts"] == data["layouts_after"] == ["sparse"]
+    assert data["trained_elements"] == pytest.approx(0.05 * data["split_elements"], rel=0.1)
+    assert _positive(data["step_s"]) and len(data["step_samples"]) == 3
+    assert [f["fraction"] for f in data["fractions"]] == [0.01, 0.1, 0.2, 0.5]
+    changed = [f["changed_elements"] for f in data["fractions"]]
+    assert changed == sorted(changed) and changed[0] > 0
+    for f in data["fractions"]:
+        assert len(f["resplit_samples"]) == len(f["masks_samples"]) == data["repeats"] == 2
+        for key in ("resplit_s", "masks_s", "resplit_over_step", "update_over_step",
+                    "share_every_100", "resplit_share_every_100"):
+            assert _positive(f[key]), (f["fraction"], key)
+        assert f["ok"] == (f["share_every_100"] < 0.01)
+        assert f["resplit_ok"] == (f["resplit_share_every_100"] < 0.01)
+    claim = next(f for f in data["fractions"] if f["fraction"] == 0.2)
+    assert data["claim_holds"] == claim["ok"]
+    assert ("holds here" if claim["ok"] else "does NOT hold here") in out
+
+
 def test_phases_prints_every_variant(capsys):
     _load("phases").main(["--rounds", "2"])
     rows = capsys.readouterr().out.splitlines()[2:]

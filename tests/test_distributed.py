@@ -361,6 +361,91 @@ def test_ddp_matches_single_process(dist_run: _Run, worker: Worker, decay: bool)
         assert torch.equal(merged[0][key], merged[1][key]), key
 
 
+# -- DDP with resplit --------------------------------------------------------------------------
+
+RESPLIT_STEPS = 6
+RESPLIT_AFTER = (2, 4)  # the steps after which every rank resplits
+
+
+def _top_half(weight: torch.Tensor) -> torch.Tensor:
+    """The larger-magnitude half of ``weight``'s elements (a mask of its shape)."""
+    flat = weight.detach().abs().flatten()
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[flat.topk(flat.numel() // 2).indices] = True
+    return mask.view(weight.shape)
+
+
+def _resplit_spec(mask: torch.Tensor, step: int) -> dict[str, Any]:
+    """The spec of the resplit after ``step``: ``2.weight`` trains ``mask`` (sparse), the row
+    blocks of ``0.weight`` move (rows: resplit keeps parts, as ``_split`` does)."""
+    cut = 16 + 2 * step
+    return {"0": paramsplit.rows({(0, cut): {"weight_decay": 0.0},
+                                  (cut, None): {"weight_decay": 0.3}}),
+            "2": paramsplit.Regions(mask, {True: {"weight_decay": 0.1, "lr": 0.02},
+                                           False: paramsplit.FROZEN})}
+
+
+def _ddp_resplit_worker(rank: int, out: Path) -> None:
+    """Every rank resplits after the same steps, with the spec it computes from the weight DDP
+    keeps replicated (``_top_half`` of ``2.weight``); each saves its masks and what it trained."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    split_model, groups = _split()
+    ddp = DDP(split_model)
+    opt = torch.optim.AdamW(groups, lr=LR)
+    x, y = _batch()
+    masks = []
+    for step in range(1, RESPLIT_STEPS + 1):
+        _step(ddp, opt, _half(x, rank), _half(y, rank))
+        if step in RESPLIT_AFTER:
+            masks.append(_top_half(ddp.module[2].weight))
+            paramsplit.resplit(opt, ddp.module, _resplit_spec(masks[-1], step),
+                               per_element_decay=False)
+    labels = {line.split()[0]: line.split()[-1]
+              for line in paramsplit.describe(ddp.module).splitlines()[1:]}
+    assert labels == {"0.weight": "rows", "2.weight": "sparse"}, labels
+    torch.save({"masks": masks, "state": paramsplit.merged_state_dict(ddp.module)},
+               out / f"resplit{rank}.pt")
+
+
+def _resplit_reference(masks: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Single-process training on the full batch with the same resplits (``masks``), each of
+    which is also what this run computes from its own weight at that step."""
+    model, groups = _split()
+    opt = torch.optim.AdamW(groups, lr=LR)
+    x, y = _batch()
+    for step in range(1, RESPLIT_STEPS + 1):
+        _step(model, opt, x, y)
+        if step in RESPLIT_AFTER:
+            mask = masks[RESPLIT_AFTER.index(step)]
+            assert torch.equal(_top_half(model[2].weight), mask), step
+            paramsplit.resplit(opt, model, _resplit_spec(mask, step), per_element_decay=False)
+    return paramsplit.merged_state_dict(model)
+
+
+@_scenario(_ddp_resplit_worker)
+def test_ddp_resplit_on_every_rank_matches_single_process(dist_run: _Run) -> None:
+    """Both ranks resplit alike at the same steps (the README's rule); training equals
+    single-process training with the same resplits, and the replicas stay bitwise in sync."""
+    results = _load(dist_run.outputs(_ddp_resplit_worker), "resplit")
+    masks = results[0]["masks"]
+    assert len(masks) == len(RESPLIT_AFTER)
+    for a, b in zip(masks, results[1]["masks"]):
+        assert torch.equal(a, b)  # the same spec on every rank
+    first = _mask() == 0
+    assert not torch.equal(masks[0], first) and not torch.equal(masks[1], masks[0])
+    want = _resplit_reference(masks)
+    for result in results:
+        _assert_close_dicts(result["state"], want)
+    for key in want:
+        assert torch.equal(results[0]["state"][key], results[1]["state"][key]), key
+    never = ~(first | masks[0] | masks[1])  # FROZEN all along
+    assert never.any()
+    initial = _model().state_dict()["2.weight"]
+    assert torch.equal(results[0]["state"]["2.weight"][never], initial[never])
+    assert (results[0]["state"]["2.weight"][masks[1]] != initial[masks[1]]).all()
+
+
 # -- FSDP2 --------------------------------------------------------------------------------------
 
 def _fsdp_split(seed: int = 0) -> tuple[nn.Module, list[dict[str, Any]]]:
