@@ -82,19 +82,26 @@ class _Decay:
         ids = target.region_ids
         self.ids = None if ids is None else ids.to(torch.int32)
         self._on: dict[torch.device, Tensor] = {}
+        self._last: tuple[Any, Tensor] | None = None
 
     def values(self, default: float) -> list[float]:
         return [default if d is None else d for d in self.decays]
 
     def _full(self, values: list[float], like: Tensor) -> Tensor:
-        """``values[region of each element]`` in ``like``'s shape, in its compute dtype."""
+        """``values[region of each element]`` in ``like``'s shape, in its compute dtype; the
+        last one is kept (a constant lr gathers once, at the price of a weight-sized tensor)."""
         assert self.ids is not None
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        key = (tuple(values), like.device, dtype)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
         ids = self._on.get(like.device)
         if ids is None:
             ids = self._on[like.device] = self.ids.to(like.device)
-        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
         table = torch.tensor(values, dtype=dtype, device=like.device)
-        return table.index_select(0, ids).view(self.shape)
+        full = table.index_select(0, ids).view(self.shape)
+        self._last = (key, full)
+        return full
 
     def scale_(self, t: Tensor, values: list[float]) -> None:
         """``t *= values[region]`` (python scalars per block, as optimizers multiply)."""

@@ -36,11 +36,8 @@ class _Layout:
         self.target = dataclasses.replace(target, param=torch.empty(self.shape, device="meta"))
         self.regions = target.regions
         self.trained = [i for i, r in enumerate(self.regions) if r.options is not None]
-        self.label = target.kind  # "sparse" is a mask whose FROZEN region is most of it
         self.digest = _digest(target)
 
-    def part_shapes(self) -> list[tuple[int, ...]]:
-        raise NotImplementedError
 
     def local(self, start: int, stop: int) -> _Layout:
         """This layout restricted to rows ``start:stop`` (a shard of a ``Shard(0)`` DTensor):
@@ -111,8 +108,6 @@ class _Rows(_Layout):
         assert target.bounds is not None
         self.bounds = [target.bounds[i] for i in self.trained]
 
-    def part_shapes(self) -> list[tuple[int, ...]]:
-        return [(b - a,) + self.shape[1:] for a, b in self.bounds]
 
     def pieces(self, full: Tensor) -> list[Tensor]:
         return [full[a:b] for a, b in self.bounds]
@@ -137,8 +132,6 @@ class _Cols(_Layout):
         assert target.bounds is not None
         self.bounds = [target.bounds[i] for i in self.trained]
 
-    def part_shapes(self) -> list[tuple[int, ...]]:
-        return [self.shape[:1] + (b - a,) + self.shape[2:] for a, b in self.bounds]
 
     def _views(self, full: Tensor) -> list[Tensor]:
         return [full.narrow(1, a, b - a) for a, b in self.bounds]
@@ -184,8 +177,6 @@ class _Mask(_Layout):
         self._on: dict[torch.device, Tensor] = {}
         self.sizes = [self.regions[i].numel for i in self.trained]
 
-    def part_shapes(self) -> list[tuple[int, ...]]:
-        return [(n,) for n in self.sizes]
 
     def _perm(self, like: Tensor) -> Tensor:
         perm = self._on.get(like.device)
