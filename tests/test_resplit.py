@@ -195,33 +195,59 @@ def test_new_options_get_a_new_group_with_a_warning():
     opt.step()
 
 
-def test_checkpoint_after_resplit_resumes_bitwise(tmp_path):
-    """The recipe: save the current spec (here its masks) with the checkpoint; resume with
-    ``split(model, that spec)`` and ``load_state_dict``."""
-    def run(resume_at: int | None) -> nn.Module:
-        model = make_model()
-        ids = region_maps("mask", 0)
-        model, groups = ps.split(model, {"0": plan_of("mask", ids)})
-        opt = torch.optim.AdamW(groups, lr=LR)
-        g = torch.Generator().manual_seed(3)
-        for step in range(8):
-            if step in (2, 5):
-                ids = region_maps("mask", step)
-                ps.resplit(opt, model, {"0": plan_of("mask", ids)})
-            if step == resume_at:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ids": ids},
-                           tmp_path / "ck.pt")
-                ck = torch.load(tmp_path / "ck.pt", weights_only=True)
-                model, groups = ps.split(make_model(), {"0": plan_of("mask", ck["ids"])})
-                model.load_state_dict(ck["model"])
-                opt = torch.optim.AdamW(groups, lr=LR)
-                opt.load_state_dict(ck["opt"])
-            x = torch.randn(5, 12, generator=g)
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
-        return model
+def _resplit_run(folder: str, resume_at: int | None, steps: int = 8) -> list[torch.Tensor]:
+    """Train with resplits at steps 2 and 5; at ``resume_at``, save a checkpoint and stop."""
+    model = make_model()
+    ids = region_maps("mask", 0)
+    model, groups = ps.split(model, {"0": plan_of("mask", ids)})
+    opt = torch.optim.AdamW(groups, lr=LR)
+    g = torch.Generator().manual_seed(3)
+    for step in range(steps):
+        if step in (2, 5):
+            ids = region_maps("mask", step)
+            ps.resplit(opt, model, {"0": plan_of("mask", ids)})
+        if step == resume_at:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ids": ids,
+                        "rng": g.get_state()}, f"{folder}/ck.pt")
+            return []
+        x = torch.randn(5, 12, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    return [p.detach() for p in model.parameters()]
 
-    straight, resumed = run(None), run(6)
-    for p, q in zip(straight.parameters(), resumed.parameters()):
+
+def _resume(folder: str, steps: int = 8, resume_at: int = 6) -> None:
+    """In a new process: the recipe, i.e. ``split(model, the saved spec)``, load, continue."""
+    ck = torch.load(f"{folder}/ck.pt", weights_only=True)
+    model, groups = ps.split(make_model(), {"0": plan_of("mask", ck["ids"])})
+    model.load_state_dict(ck["model"])
+    opt = torch.optim.AdamW(groups, lr=LR)
+    opt.load_state_dict(ck["opt"])
+    g = torch.Generator()
+    g.set_state(ck["rng"])
+    for _ in range(resume_at, steps):
+        x = torch.randn(5, 12, generator=g)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    torch.save([p.detach() for p in model.parameters()], f"{folder}/resumed.pt")
+
+
+def test_checkpoint_after_resplit_resumes_bitwise_in_a_new_process(tmp_path):
+    """The recipe: save the current spec (here its masks) with the checkpoint; resume with
+    ``split(model, that spec)`` and ``load_state_dict``, in a fresh interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    straight = _resplit_run(str(tmp_path), None)
+    _resplit_run(str(tmp_path), 6)
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import test_resplit; test_resplit._resume({str(tmp_path)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**__import__("os").environ,
+                                                                  "OMP_NUM_THREADS": "1"})
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert len(resumed) == len(straight)
+    for p, q in zip(straight, resumed):
         assert torch.equal(p, q)
