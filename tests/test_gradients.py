@@ -162,14 +162,15 @@ def test_clip_over_the_optimizer_params_is_the_unsplit_norm(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_grad_scaler_unscale_clip_step_and_a_skipped_step(kind):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_grad_scaler_unscale_clip_step_and_a_skipped_step(kind, dtype):
     """The AMP recipe: scale, backward, ``unscale_``, ``clip_grad_norm_(model.parameters())``,
     ``scaler.step``, ``update``; the second step overflows and is skipped."""
     model, opt, ref, ref_opt, fix = pair(kind)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) for _ in range(2)]
     for i, xy in enumerate(batches(5)):
         for m, o, scaler in ((model, opt, scalers[0]), (ref, ref_opt, scalers[1])):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=dtype):
                 loss = loss_fn(m, xy)
             if i == 1:
                 loss = loss * float("inf")

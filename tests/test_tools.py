@@ -300,3 +300,20 @@ def test_pickled_or_copied_groups_raise_instead_of_stepping_whole_weights(how):
     with pytest.raises(RuntimeError, match="groups were pickled or copied"):
         train(model, opt, batches(1))
     assert torch.equal(model[0].weight, before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dcp_optimizer_state_initialisation_step_is_silent_and_moves_nothing(kind):
+    """torch.distributed.checkpoint initialises optimizer state with an lr=0 step on zero
+    gradients: no paramsplit warning, no weight moves, the parts get their state."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    model, opt, _, _, _ = pair(kind)
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _init_optim_state(opt)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    split = ps._sync._SPLITS[model[0].weight]
+    assert all(part in opt.state for part in split.parts)
+    assert all(p.grad is None for p in model.parameters())
