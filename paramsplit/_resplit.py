@@ -51,6 +51,7 @@ def resplit(optimizer: torch.optim.Optimizer, model: nn.Module, spec: Spec, *,
     """
     held = {id(p) for g in optimizer.param_groups for p in g["params"]}
     named = {id(p): n for n, p in model.named_parameters()}
+    _check_groups(optimizer, model)
     splits = _plan(model, spec, max_regions, per_element_decay)
     olds: list[tuple[_Split, list[Tensor], dict[str, Any]]] = []
     for new in splits:
@@ -78,6 +79,23 @@ def resplit(optimizer: torch.optim.Optimizer, model: nn.Module, spec: Spec, *,
                 _set_state(optimizer, t, state, cut)
     _regroup(optimizer, model, {id(t) for n, _, _ in olds for t, _ in _new_tensors(n)})
     _CACHE.pop(optimizer, None)
+
+
+def _check_groups(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Raise unless the optimizer's groups are paramsplit's groups for ``model``: resplit puts
+    new parts into them by name, and must not move anything else."""
+    home = {id(p): g["name"] for g in _param_groups(model) for p in g["params"]}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if id(p) in home and (LAYOUT_KEY not in g or g.get("name") != home[id(p)]):
+                raise ValueError(
+                    f"resplit: the optimizer's param groups are not the ones paramsplit.split "
+                    f"returned for this model (group {g.get('name', '?')!r} holds a tensor that "
+                    f"paramsplit's group {home[id(p)]!r} holds: regrouped or built by hand), so "
+                    f"resplit cannot tell where new parts belong without changing the options of "
+                    f"other tensors. Build the optimizer from paramsplit's groups to resplit it, "
+                    f"or split again and build a new one (merged_optimizer_state carries the "
+                    f"state).")
 
 
 def _new_tensors(split: _Split) -> list[tuple[Tensor, Any]]:

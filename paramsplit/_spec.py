@@ -158,6 +158,11 @@ _CHECKED = {name: "a finite non-negative number" for name in (
 _CHECKED.update(dampening="a finite number in [0, 1]", betas="a finite number in [0, 1)")
 
 
+#: names other libraries use for torch.optim's options (Hugging Face's TrainingArguments, ...)
+_OTHER_NAMES = {"learning_rate": "lr", "wd": "weight_decay", "l2": "weight_decay",
+                "decay": "weight_decay"}
+
+
 @functools.cache
 def _known_options() -> tuple[str, ...]:
     """The option names of torch's optimizers, and ``name`` (a group label)."""
@@ -199,6 +204,9 @@ def _options(key: str, value: Any, where: str,
             raise _fail(key, f"{where}: option names must be strings, got {name!r}")
         if name == "params":
             raise _fail(key, f"{where}: 'params' is set by paramsplit, not by the spec")
+        if name in _OTHER_NAMES:  # torch's optimizers would silently ignore these
+            raise _fail(key, f"{where}: unknown option {name!r}; did you mean "
+                             f"{_OTHER_NAMES[name]!r}? (torch's optimizers call it that)")
         if name not in _known_options():
             # names far from torch's, or extending one (beta1, eps2, eta), are other optimizers'
             close = [c for c in difflib.get_close_matches(name, _known_options(), n=1, cutoff=0.85)

@@ -179,3 +179,15 @@ def test_splitting_a_split_model_again_replaces_the_plan():
     model[2].bias.requires_grad_(True)
     _, groups = paramsplit.split(model, {"2.bias": {"weight_decay": 0.0}})
     assert any(p is model[2].bias for g in groups for p in g["params"])
+
+
+def test_other_libraries_names_for_torch_options_are_refused_with_the_torch_name():
+    """``learning_rate`` (Hugging Face's name) would be ignored by torch's optimizers."""
+    import torch.nn as nn
+
+    import paramsplit
+
+    model = nn.Linear(3, 2)
+    with pytest.raises(paramsplit.SpecError, match=r"spec\['bias'\]: .*'learning_rate'; did you "
+                                                   r"mean 'lr'\?"):
+        paramsplit.split(model, {"bias": {"learning_rate": 0.1}})

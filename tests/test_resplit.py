@@ -178,10 +178,29 @@ def test_resplit_refuses_a_bad_spec_or_an_optimizer_without_the_weight_changing_
     before = [list(g["params"]) for g in opt.param_groups]
     with pytest.raises(ps.SpecError, match=r"spec\['0.wieght'\]"):
         ps.resplit(opt, model, {"0.wieght": ps.FROZEN})
-    other = torch.optim.AdamW([model[2].weight], lr=LR)
+    assert [list(g["params"]) for g in opt.param_groups] == before
+    # paramsplit's groups, but not those holding 0.weight and its parts
+    mine = {id(model[0].weight)} | {id(p) for p in ps._sync._SPLITS[model[0].weight].parts}
+    other = torch.optim.AdamW([g for g in ps.param_groups(model)
+                               if not any(id(p) in mine for p in g["params"])], lr=LR)
     with pytest.raises(ValueError, match="holds neither '0.weight'"):
         ps.resplit(other, model, {"0": plan_of("mask", region_maps("mask", 1))})
-    assert [list(g["params"]) for g in opt.param_groups] == before
+
+
+@pytest.mark.parametrize("how", ["by ndim", "model.parameters()"])
+def test_resplit_refuses_groups_that_are_not_paramsplits(how):
+    """Regrouped (decay / no-decay) or plain groups: resplit cannot place new parts without
+    changing other tensors' options, so it raises and changes nothing."""
+    model = make_model()
+    model, groups = ps.split(model, {"0": plan_of("mask", region_maps("mask", 0))})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+                            if how == "by ndim" else model.parameters(), lr=LR)
+    before = [(list(g["params"]), g["weight_decay"]) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="not the ones paramsplit.split returned"):
+        ps.resplit(opt, model, {"0": plan_of("mask", region_maps("mask", 1))})
+    assert [(list(g["params"]), g["weight_decay"]) for g in opt.param_groups] == before
 
 
 def test_new_options_get_a_new_group_with_a_warning():
