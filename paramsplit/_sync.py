@@ -283,7 +283,18 @@ class _Split:
             f"paramsplit.merged_optimizer_state carries the optimizer state across.")
 
     def _shape(self) -> tuple[int, ...]:
-        return self.layout.shape if self.layout is not None else tuple(self.weight.shape)
+        planned = self.layout or self.decay
+        return planned.shape if planned is not None else tuple(self.weight.shape)
+
+    def check_shape(self, weight: Tensor) -> None:
+        """Raise if ``weight`` no longer has the shape its regions were planned for."""
+        if tuple(weight.shape) != self._shape():
+            raise RuntimeError(
+                f"paramsplit: parameter {self.name!r} has shape {tuple(weight.shape)} now, "
+                f"{self._shape()} when it was split (resized in place, or flattened by an "
+                f"engine such as FSDP1 or DeepSpeed, which paramsplit does not support), so its "
+                f"regions no longer fit. Split the model again (paramsplit.split(model, spec)) "
+                f"and build a new optimizer from the groups it returns.")
 
     def _rebind(self, new: nn.Parameter) -> None:
         old = self.weight
@@ -300,13 +311,7 @@ class _Split:
         """Parts take the weight's values and their share of its gradient, which the optimizer
         then does not see (called under ``torch.no_grad()``)."""
         weight = self.current()
-        if weight.shape != self.layout.shape:
-            raise RuntimeError(
-                f"paramsplit: parameter {self.name!r} has shape {tuple(weight.shape)} now, "
-                f"{self.layout.shape} when it was split (resized in place, or flattened by an "
-                f"engine such as FSDP1 or DeepSpeed, which paramsplit does not support), so its "
-                f"regions no longer fit. Split the model again (paramsplit.split(model, spec)) "
-                f"and build a new optimizer from the groups it returns.")
+        self.check_shape(weight)
         plain = not _is_wrapper(weight)
         local, layout = (weight, self.layout) if plain else self._local(weight)
         if layout is not self._active or not layout.load(local, self.parts):
@@ -351,6 +356,7 @@ class _Decaying:
         split = self.split
         assert split.decay is not None
         weight = split.current()
+        split.check_shape(weight)
         if _is_wrapper(weight) or weight.grad is None:
             if weight.grad is not None:
                 raise RuntimeError(f"paramsplit: per-element weight_decay of {split.name!r} "

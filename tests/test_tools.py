@@ -317,3 +317,15 @@ def test_dcp_optimizer_state_initialisation_step_is_silent_and_moves_nothing(kin
     split = ps._sync._SPLITS[model[0].weight]
     assert all(part in opt.state for part in split.parts)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_decay_weight_resized_in_place_raises_naming_it():
+    """Hugging Face's resize_token_embeddings keeps the parameter and changes its .data: the
+    per-element decay planned for the old rows must not silently skip the new ones."""
+    model = nn.Sequential(nn.Embedding(10, 4))
+    model, groups = ps.split(model, {"0": ps.rows({(0, 5): {"weight_decay": 0.1}})})
+    opt = torch.optim.AdamW(groups, lr=0.01)
+    model[0].weight.data = torch.randn(12, 4)
+    model(torch.tensor([1, 11])).sum().backward()
+    with pytest.raises(RuntimeError, match=r"'0.weight' has shape \(12, 4\) now, \(10, 4\)"):
+        opt.step()
