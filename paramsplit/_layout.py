@@ -29,15 +29,14 @@ from ._spec import _Region, _Target
 class _Layout:
     """Where each trained region's elements live in the weight; see the module docstring."""
 
-    kind = ""
-
     def __init__(self, target: _Target) -> None:
         self.shape = tuple(target.param.shape)
         self.target = dataclasses.replace(target, param=torch.empty(self.shape, device="meta"))
         self.regions = target.regions
         self.trained = [i for i, r in enumerate(self.regions) if r.options is not None]
         self.digest = _digest(target)
-
+        # rows / cols: the trained blocks along their dim
+        self.bounds = None if target.bounds is None else [target.bounds[i] for i in self.trained]
 
     def local(self, start: int, stop: int) -> _Layout:
         """This layout restricted to rows ``start:stop`` (a shard of a ``Shard(0)`` DTensor):
@@ -101,14 +100,6 @@ class _Rows(_Layout):
     """Blocks of dim 0: each part is a view of the weight (and its gradient a view of the
     weight's gradient), so nothing is ever copied."""
 
-    kind = "rows"
-
-    def __init__(self, target: _Target) -> None:
-        super().__init__(target)
-        assert target.bounds is not None
-        self.bounds = [target.bounds[i] for i in self.trained]
-
-
     def pieces(self, full: Tensor) -> list[Tensor]:
         return [full[a:b] for a, b in self.bounds]
 
@@ -124,14 +115,6 @@ class _Rows(_Layout):
 
 class _Cols(_Layout):
     """Blocks of dim 1: each part is a dense copy of a block of columns."""
-
-    kind = "cols"
-
-    def __init__(self, target: _Target) -> None:
-        super().__init__(target)
-        assert target.bounds is not None
-        self.bounds = [target.bounds[i] for i in self.trained]
-
 
     def _views(self, full: Tensor) -> list[Tensor]:
         return [full.narrow(1, a, b - a) for a, b in self.bounds]
@@ -159,8 +142,6 @@ class _Cols(_Layout):
 class _Mask(_Layout):
     """Any set of elements: the trained elements, sorted by region, are gathered into one 1-D
     base whose slices are the parts; ``perm`` holds their flat positions in the weight."""
-
-    kind = "mask"
 
     def __init__(self, target: _Target) -> None:
         super().__init__(target)

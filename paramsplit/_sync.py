@@ -125,9 +125,6 @@ class _Registry:
         if self.get(weight) is not None:
             del self._by_id[id(weight)]
 
-    def __len__(self) -> int:
-        return len(self._by_id)
-
 
 _SPLITS = _Registry()
 
