@@ -12,7 +12,9 @@ holds instead of it, one per trained region (FROZEN regions have none). A layout
 
 ``rows`` parts are views of the weight: no copy ever, and their gradients are views of the
 weight's gradient. ``cols`` and ``mask`` parts are dense copies (fused optimizer kernels mishandle
-strided views): one gather of values and of gradients before a step, one scatter after it.
+strided views): one gather of values and of gradients before a step, one scatter after it. The
+``cols`` copies of all weights stepped together go into one :class:`_Copies` and are made by one
+``torch._foreach_copy_``; ``mask`` gathers and scatters each weight with one indexing kernel.
 """
 
 from __future__ import annotations
@@ -24,6 +26,24 @@ import torch
 from torch import Tensor
 
 from ._spec import _Region, _Target
+
+
+class _Copies:
+    """Copies gathered across the weights of one step, made together by one
+    ``torch._foreach_copy_`` (a few kernel launches per device and dtype, not one per part)."""
+
+    def __init__(self) -> None:
+        self.dst: list[Tensor] = []
+        self.src: list[Tensor] = []
+
+    def add(self, dst: list[Tensor], src: list[Tensor]) -> None:
+        self.dst += dst
+        self.src += src
+
+    def run(self) -> None:
+        if self.dst:
+            torch._foreach_copy_(self.dst, self.src)
+            self.dst, self.src = [], []
 
 
 class _Layout:
@@ -77,16 +97,18 @@ class _Layout:
         self._at = _where(weight)
         return self.pieces(weight.detach())
 
-    def load(self, weight: Tensor, parts: list[Tensor]) -> bool:
-        """Bring the weight's values into ``parts`` (in place); ``False`` if the parts must be
-        made anew (the weight's storage, dtype or device changed)."""
+    def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
+        """Bring the weight's values into ``parts`` (in place, now or by ``copies``); ``False``
+        if the parts must be made anew (the weight's storage, dtype or device changed)."""
         raise NotImplementedError
 
-    def grads(self, grad: Tensor) -> list[Tensor]:
+    def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
+        """The gradients of ``parts``, cut from the weight's ``grad`` (filled now or by
+        ``copies``)."""
         return self.pieces(grad)
 
-    def store(self, weight: Tensor, parts: list[Tensor]) -> None:
-        """Write the parts back into the weight :meth:`load` last saw."""
+    def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
+        """Write the parts back into the weight :meth:`load` last saw (now or by ``copies``)."""
         raise NotImplementedError
 
     def full(self, pieces: list[Tensor]) -> Tensor:
@@ -106,10 +128,13 @@ class _Rows(_Layout):
     def write(self, full: Tensor, pieces: list[Tensor]) -> None:
         torch._foreach_copy_(self.pieces(full), pieces)
 
-    def load(self, weight: Tensor, parts: list[Tensor]) -> bool:
+    def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
         return _where(weight) == self._at  # the parts are still views of the weight's memory
 
-    def store(self, weight: Tensor, parts: list[Tensor]) -> None:
+    def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
+        return [grad[a:b] for a, b in self.bounds]
+
+    def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
         pass  # the parts are the weight's own memory
 
 
@@ -126,14 +151,19 @@ class _Cols(_Layout):
         self._in = self._views(weight.detach())  # the weight's blocks, kept while it stays put
         return super().parts_from(weight)
 
-    def load(self, weight: Tensor, parts: list[Tensor]) -> bool:
+    def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
         if _where(weight) != self._at:
             return False
-        torch._foreach_copy_(parts, self._in)
+        copies.add(parts, self._in)
         return True
 
-    def store(self, weight: Tensor, parts: list[Tensor]) -> None:
-        torch._foreach_copy_(self._in, parts)
+    def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
+        out = [torch.empty_like(p) for p in parts]
+        copies.add(out, self._views(grad))
+        return out
+
+    def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
+        copies.add(self._in, parts)
 
     def write(self, full: Tensor, pieces: list[Tensor]) -> None:
         torch._foreach_copy_(self._views(full), pieces)
@@ -176,16 +206,16 @@ class _Mask(_Layout):
         self._flat = w.view(-1) if w.is_contiguous() else None
         return pieces
 
-    def load(self, weight: Tensor, parts: list[Tensor]) -> bool:
+    def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
         if _where(weight) != self._at:
             return False
         flat = self._flat if self._flat is not None else weight.detach().reshape(-1)
         torch.index_select(flat, 0, self._perm(flat), out=self._base)
         return True
 
-    def store(self, weight: Tensor, parts: list[Tensor]) -> None:
-        if self._flat is not None:
-            self._flat.index_copy_(0, self._perm(self._flat), self._base)
+    def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
+        if self._flat is not None:  # scatter_: the positions are distinct, and it is faster
+            self._flat.scatter_(0, self._perm(self._flat), self._base)
         else:
             self.write(weight.detach(), [self._base])
 

@@ -32,7 +32,7 @@ from torch.optim.optimizer import (
 )
 
 from ._decay import DECAY_GROUP, _Decay, _form, _lr, _scale
-from ._layout import _Layout, _layout
+from ._layout import _Copies, _Layout, _layout
 from ._spec import _Region, _Target
 
 _DATA = torch._C.TensorBase.data  # the plain ``.data`` descriptor; see _Part
@@ -304,28 +304,31 @@ class _Split:
 
     # -- around an optimizer step ---------------------------------------------------------------
 
-    def before_step(self) -> None:
+    def before_step(self, copies: _Copies) -> None:
         """Parts take the weight's values and their share of its gradient, which the optimizer
-        then does not see (called under ``torch.no_grad()``)."""
+        then does not see (called under ``torch.no_grad()``; copies deferred to ``copies``)."""
         weight = self.current()
         self.check_shape(weight)
         plain = not _is_wrapper(weight)
         local, layout = (weight, self.layout) if plain else self._local(weight)
-        if layout is not self._active or not layout.load(local, self.parts):
+        if layout is not self._active or not layout.load(local, self.parts, copies):
             self._make_parts(weight)
         grad = self._stash = weight.grad
         if grad is None:
             for p in self.parts:
                 p.grad = None
             return
-        for p, g in zip(self.parts, self._active.grads(grad if plain else grad.to_local())):
+        grads = self._active.grads(grad if plain else grad.to_local(), self.parts, copies)
+        for p, g in zip(self.parts, grads):
             p.grad = g
         weight.grad = None  # the optimizer steps the parts, not the weight
 
-    def after_step(self) -> None:
-        """The weight takes the parts' values and its gradient back (under ``no_grad``)."""
+    def after_step(self, copies: _Copies) -> None:
+        """The weight takes the parts' values (by ``copies``) and its gradient back (under
+        ``no_grad``)."""
         weight = self.weight
-        self._active.store(weight.to_local() if _is_wrapper(weight) else weight, self.parts)
+        self._active.store(weight.to_local() if _is_wrapper(weight) else weight, self.parts,
+                           copies)
         if self._stash is not None:
             weight.grad, self._stash = self._stash, None
             for p in self.parts:
@@ -349,7 +352,7 @@ class _Decaying:
         self.split, self.optimizer, self.group, self.form = split, optimizer, group, form
         self._saved: Tensor | None = None
 
-    def before_step(self) -> None:
+    def before_step(self, copies: _Copies) -> None:
         split = self.split
         assert split.decay is not None
         weight = split.current()
@@ -373,7 +376,7 @@ class _Decaying:
         else:
             self._saved = weight.detach().clone()
 
-    def after_step(self) -> None:
+    def after_step(self, copies: _Copies) -> None:
         split, saved, self._saved = self.split, self._saved, None
         assert split.decay is not None
         if saved is None:
@@ -521,16 +524,17 @@ _STEPPING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
 def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
-    done: list[Any] = []
+    copies, done = _Copies(), []
     with torch.no_grad():
         try:
             for stepper in steppers:
-                stepper.before_step()
+                stepper.before_step(copies)
                 done.append(stepper)
         except BaseException:  # leave every weight as it was: values and gradients in place
-            for stepper in done:
-                stepper.after_step()
+            copies.run()
+            _after(done)
             raise
+        copies.run()
     _STEPPING.add(optimizer)
 
 
@@ -538,8 +542,14 @@ def _hand_back(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
     if optimizer in _STEPPING:
         _STEPPING.discard(optimizer)
         with torch.no_grad():
-            for stepper in steppers:
-                stepper.after_step()
+            _after(steppers)
+
+
+def _after(steppers: list[Any]) -> None:
+    copies = _Copies()
+    for stepper in steppers:
+        stepper.after_step(copies)
+    copies.run()
 
 
 def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:

@@ -329,3 +329,38 @@ def test_a_decay_weight_resized_in_place_raises_naming_it():
     model(torch.tensor([1, 11])).sum().backward()
     with pytest.raises(RuntimeError, match=r"'0.weight' has shape \(12, 4\) now, \(10, 4\)"):
         opt.step()
+
+
+@pytest.mark.parametrize("replaced", ["0", "2"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "mask"])
+def test_a_step_refused_for_one_weight_leaves_every_weight_as_it_was(kind, replaced):
+    """The hand-over before a step defers its copies and batches them across weights; when a
+    weight is refused midway, the weights handed over before it get their values and gradients
+    back untouched, and training goes on as the unsplit model once the model is repaired."""
+    model, ref = make_model(), make_model()
+    second = {"rows": ps.cols({(0, 4): {"lr": 0.05}, (4, None): {}}),
+              "cols": ps.rows({(0, 1): {"lr": 0.05}, (1, None): {}})}.get(
+        kind, ps.Regions(torch.arange(27).reshape(3, 9) % 2, {0: {"lr": 0.05}, 1: {}}))
+    model, groups = ps.split(model, {**spec_of(kind), "2": second})
+    opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.05, foreach=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05, weight_decay=0.05, foreach=False)
+    first, second_batch = batches(2)
+    train(model, opt, [first])
+    train(ref, ref_opt, [first])
+    for p, q in zip(model.parameters(), ref.parameters()):  # EMA-style writes: the parts are stale
+        p.data.mul_(0.5)
+        q.data.mul_(0.5)
+    opt.zero_grad()
+    loss_fn(model, second_batch).backward()
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in model.named_parameters()}
+    kept = model[int(replaced)]
+    model[int(replaced)] = nn.Linear(12, 10) if replaced == "0" else nn.Linear(10, 3)
+    with pytest.raises(RuntimeError, match=rf"paramsplit: parameter '{replaced}.weight' was "
+                                           r"replaced"):
+        opt.step()
+    model[int(replaced)] = kept
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n][0]) and torch.equal(p.grad, before[n][1]), n
+    opt.step()
+    train(ref, ref_opt, [second_batch])
+    assert_equal_models(model, ref)
