@@ -16,13 +16,26 @@ A :class:`Case` is plain data (it travels to the memory probe's subprocesses as 
                 ``mlp.c_fc``, ``mlp.c_proj`` of every layer) are split. A step there is mostly
                 per-tensor overhead (Python, kernel launches, the optimizer's per-parameter loop),
                 which is what a split adds per weight; loss = LM loss.
+* ``gpt124m``   GPT-2 124M: ``GPT2LMHeadModel`` with ``GPT2Config()``'s sizes (``n_layer=12``,
+                ``n_embd=768``, ``n_head=12``, vocab 50257, ``n_positions=1024``; random weights
+                from a seed, nothing downloaded), batch 8 x 512 tokens, forward and loss under
+                ``torch.autocast(device type, dtype=torch.bfloat16)`` (``Case.autocast``), one
+                table per AdamW implementation: ``AdamW(..., fused=True)`` and ``(...,
+                foreach=True)`` (``Case.adamw``); its 48 block weights are split as in ``gpt2``;
+                loss = LM loss. Meant for ``--device cuda`` (``benchmarks/gpu_check.sh``); on the
+                CPU it runs only when asked for (``--models gpt124m``), usually with ``--quick``
+                (``GPT124M_QUICK``: 2 layers of ``n_embd=64``, ``n_head=4``, ``n_positions=16``,
+                vocab 500, batch 2 x 16 tokens, the same autocast and AdamW implementations).
+
+The other tables run AdamW's default implementation (``Case.adamw`` None: on the CPU, its for-loop
+one) without autocast (``Case.autocast`` None).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,20 +45,43 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # "linear" | "gpt2" | "generate" | "sparse" | "many"
+    kind: str  # "linear" | "gpt2" | "generate" | "sparse" | "many" | "gpt124m"
     sizes: dict[str, int]
     batches: tuple[int, ...]
-    seq: dict[int, int]  # gpt2/many: batch -> training sequence length; generate: prompt length
+    seq: dict[int, int]  # gpt2/many/gpt124m: batch -> training sequence length; generate: prompt
     threads: int | None = None  # torch.set_num_threads for this case (None: the run's setting)
+    #: a torch dtype's name ("bfloat16"): forward + loss run under ``torch.autocast(device type,
+    #: dtype)``; None: no autocast
+    autocast: str | None = None
+    #: "fused" or "foreach": ``AdamW(..., fused=True)`` / ``(..., foreach=True)``; None: AdamW's
+    #: default implementation
+    adamw: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.adamw not in (None, *ADAMW_IMPLS):
+            raise ValueError(f"Case.adamw: {self.adamw!r} is not one of {ADAMW_IMPLS}")
+        if self.autocast is not None and not isinstance(getattr(torch, self.autocast, None),
+                                                        torch.dtype):
+            raise ValueError(f"Case.autocast: {self.autocast!r} is not a torch dtype")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "sizes": self.sizes, "batches": list(self.batches),
-                "seq": {str(k): v for k, v in self.seq.items()}, "threads": self.threads}
+                "seq": {str(k): v for k, v in self.seq.items()}, "threads": self.threads,
+                "autocast": self.autocast, "adamw": self.adamw}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Case:
         return Case(d["kind"], d["sizes"], tuple(d["batches"]),
-                    {int(k): v for k, v in d["seq"].items()}, d.get("threads"))
+                    {int(k): v for k, v in d["seq"].items()}, d.get("threads"),
+                    d.get("autocast"), d.get("adamw"))
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.autocast is None else getattr(torch, self.autocast)
+
+    def adamw_kwargs(self) -> dict[str, bool]:
+        """``{"fused": True}``, ``{"foreach": True}`` or ``{}`` (AdamW's default)."""
+        return {self.adamw: True} if self.adamw else {}
 
     @property
     def is_linear(self) -> bool:
@@ -63,11 +99,24 @@ class Case:
             return f"many small weights, {gpt}"
         if self.kind == "generate":
             return f"generate(max_new_tokens={s['new_tokens']}, do_sample=False), {gpt}"
-        return gpt
+        return gpt + self._training()
+
+    def _training(self) -> str:
+        """``", bf16 autocast, AdamW(fused=True)"``: what differs from the default step."""
+        out = ""
+        if self.autocast:
+            out += f", {_SHORT_DTYPES.get(self.autocast, self.autocast)} autocast"
+        if self.adamw:
+            out += f", AdamW({self.adamw}=True)"
+        return out
 
     @property
     def needs_transformers(self) -> bool:
         return not self.is_linear
+
+
+ADAMW_IMPLS = ("fused", "foreach")
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def _gpt(n_layer: int, n_embd: int, vocab: int, n_head: int | None = None) -> dict[str, int]:
@@ -79,6 +128,14 @@ def _gpt(n_layer: int, n_embd: int, vocab: int, n_head: int | None = None) -> di
 #: Conv1D), 2 x 32 tokens, one thread. The same in --quick (it is small already).
 MANY = Case("many", {**_gpt(12, 64, 1000, n_head=4), "n_positions": 64}, (2,), {2: 32}, threads=1)
 
+#: The ``gpt124m`` tables: ``GPT2Config()``'s sizes (GPT-2 124M), batch 8 x 512 tokens, bf16
+#: autocast, one table per AdamW implementation (every ratio is taken within one table).
+GPT124M = tuple(Case("gpt124m", {**_gpt(12, 768, 50257, n_head=12), "n_positions": 1024}, (8,),
+                     {8: 512}, autocast="bfloat16", adamw=impl) for impl in ADAMW_IMPLS)
+#: ... and their --quick version: 2 layers of n_embd 64, vocab 500, batch 2 x 16 tokens.
+GPT124M_QUICK = tuple(Case("gpt124m", {**_gpt(2, 64, 500, n_head=4), "n_positions": 16}, (2,),
+                           {2: 16}, autocast="bfloat16", adamw=impl) for impl in ADAMW_IMPLS)
+
 
 FULL_CASES = (
     Case("linear", {"in": 1024, "out": 4096}, (8, 128, 2048), {}),
@@ -88,6 +145,7 @@ FULL_CASES = (
     Case("generate", {**_gpt(2, 128, 1000), "new_tokens": 32}, (1, 8), {1: 8, 8: 8}),
     Case("sparse", {"in": 1024, "out": 4096}, (8, 128, 2048), {}),
     MANY,
+    *GPT124M,
 )
 QUICK_CASES = (
     Case("linear", {"in": 128, "out": 512}, (8, 64), {}),
@@ -95,15 +153,23 @@ QUICK_CASES = (
     Case("generate", {**_gpt(1, 64, 500), "new_tokens": 8}, (2,), {2: 4}),
     Case("sparse", {"in": 128, "out": 512}, (8, 64), {}),
     MANY,
+    *GPT124M_QUICK,
 )
-#: Per kind, a tiny case that the memory probe runs first, to pay lazy initialisation.
+#: Per kind, a tiny case that the memory probe runs first, to pay lazy initialisation (with the
+#: measured case's autocast and AdamW implementation: :func:`tiny_of`).
 TINY_CASES = {
     "linear": Case("linear", {"in": 16, "out": 32}, (2,), {}),
     "gpt2": Case("gpt2", _gpt(1, 32, 64), (2,), {2: 4}),
     "generate": Case("generate", {**_gpt(1, 32, 64), "new_tokens": 2}, (1,), {1: 2}),
     "sparse": Case("sparse", {"in": 16, "out": 32}, (2,), {}),
     "many": Case("many", {**_gpt(2, 32, 64, n_head=4), "n_positions": 8}, (2,), {2: 4}, threads=1),
+    "gpt124m": Case("gpt124m", {**_gpt(1, 32, 64, n_head=2), "n_positions": 8}, (2,), {2: 4}),
 }
+
+
+def tiny_of(case: Case) -> Case:
+    """The tiny case of ``case``'s kind, stepped as ``case`` is (autocast, AdamW)."""
+    return replace(TINY_CASES[case.kind], autocast=case.autocast, adamw=case.adamw)
 
 
 def have_transformers() -> bool:

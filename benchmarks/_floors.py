@@ -29,7 +29,10 @@ The copy back writes the values copied in before the step, so a floor's split we
 from step to step (the step's update is overwritten): a floor is a cost model, the same tensors
 copied in the same order around the same optimizer step, and the cost of forward, backward and
 AdamW does not depend on the values. The buffers live from the build on: peak memory holds them as
-it holds a split's parts and its parts' gradients during the step.
+it holds a split's parts and its parts' gradients during the step. So a floor's peak memory is the
+unsplit model's plus persistent buffers for the parts' values and their gradients (``mask_floor``:
+and the int64 permutation), the least a copying layout needs; the gpt124m tables measure cols and
+mask against it (``_report.GPT124M_MEM_TARGETS``).
 
 Each maker returns ``(before_step, after_step)``, called after ``backward`` and after
 ``optimizer.step()`` (``_variants.build``).

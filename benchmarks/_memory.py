@@ -1,7 +1,8 @@
-"""Peak memory of a variant's build and steps, each measured in a fresh process.
+"""Peak memory of a variant's build and steps: in fresh processes (CPU), in the timing one (CUDA).
 
 A job names a case, its variants and batches; for each (batch, variant) the probe builds the
-variant, runs ``steps`` steps and reports two peaks over the memory in use just before the build:
+variant (:func:`build_measured`), runs ``steps`` steps and reports two peaks over the memory in
+use just before the build:
 
 * the step peak: parameters, gradients, optimizer state, saved activations, inputs and every
   transient of the steps (the build's transients left out: the peak is reset after the build);
@@ -9,8 +10,9 @@ variant, runs ``steps`` steps and reports two peaks over the memory in use just 
   trained elements for ``cols`` and masks, views for ``rows``); parts that persist count in the
   step peak too.
 
-Lazy initialisation (code pages, thread pools, allocator workspaces) is paid first by running
-every variant on a tiny case. Readings:
+Lazy initialisation (code pages, thread pools, allocator and cuBLAS workspaces) is paid first by
+running every variant on a tiny case of the same kind, stepped the same way (:func:`warm_up`).
+Readings:
 
 * CPU: resident set size from ``/proc/self/status`` (``VmRSS``, high-water mark ``VmHWM``, reset
   through ``/proc/self/clear_refs``), with glibc's mmap threshold pinned low (``mallopt``) so that
@@ -21,8 +23,14 @@ every variant on a tiny case. Readings:
 
 Processes: on the CPU, :class:`Probe` forks a server right after ``step.py``'s imports, before any
 tensor work, and every job runs in a child forked from that pristine server (a fresh process that
-does not pay the imports again). On CUDA (a process that has initialised CUDA cannot fork) every
-job runs in a new interpreter: ``python benchmarks/_memory.py JOB_JSON``.
+does not pay the imports again). Where ``fork`` is missing, every job runs in a new interpreter:
+``python benchmarks/_memory.py JOB_JSON``.
+
+On CUDA ``step.py`` uses no probe: it builds the variants it times one at a time with
+:func:`build_measured` (after :func:`warm_up`), in the timing process, and keeps them. The
+allocator's counters count the bytes of live tensors exactly (what the variants built before hold
+is in the base and drops out), so the reading is the fresh process's, and no model is built twice:
+building the ``gpt124m`` tables' GPT-2 124M variants takes seconds each, on the CPU.
 """
 
 from __future__ import annotations
@@ -103,12 +111,52 @@ class _Cuda:
         self.cuda.reset_peak_memory_stats()
 
 
+Meter = Any  # _Rss | _Cuda
+
+
+def meter_for(device: str) -> Meter:
+    """The reading for ``device``: ``_Cuda`` on CUDA, else ``_Rss`` (exact only with the mmap
+    threshold pinned, as in the probe's processes)."""
+    return _Cuda() if device.startswith("cuda") else _Rss()
+
+
+def warm_up(case: Any, variants: list[str], device: str) -> None:
+    """Every variant of ``variants`` built on the tiny case of ``case``'s kind (``_cases.tiny_of``:
+    the same autocast and AdamW implementation) and stepped twice: lazy initialisation paid."""
+    from _cases import tiny_of
+    from _variants import build
+
+    tiny = tiny_of(case)
+    for v in variants:
+        r = build(tiny, v, tiny.batches[0], device)
+        r.step()
+        r.step()
+        del r
+    gc.collect()
+
+
+def build_measured(case: Any, variant: str, batch: int, device: str, steps: int,
+                   meter: Meter) -> tuple[Any, int, int]:
+    """``(runner, build peak, step peak)``: ``_variants.build`` of ``variant``, then ``steps``
+    steps; both peaks in bytes over the memory in use just before the build."""
+    from _variants import build
+
+    gc.collect()
+    meter.start()
+    r = build(case, variant, batch, device)
+    gc.collect()
+    build_peak = meter.peak()
+    meter.reset_peak()
+    for _ in range(steps):
+        r.step()
+    return r, build_peak, meter.peak()
+
+
 def measure(job: dict[str, Any]) -> dict[str, Any]:
     """Runs in the fresh process: ``{"mem": {"variant/batch": bytes}, "build": {...}}``."""
     import torch
 
-    from _cases import TINY_CASES, Case
-    from _variants import build
+    from _cases import Case
 
     case = Case.from_json(job["case"])
     device = job["device"]
@@ -119,27 +167,14 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.set_device(torch.device(device))
     if not cuda:
         _pin_mmap_threshold()
-    tiny = TINY_CASES[case.kind]
-    for v in job["variants"]:
-        r = build(tiny, v, tiny.batches[0], device)
-        r.step()
-        r.step()
-        del r
-    gc.collect()
+    warm_up(case, job["variants"], device)
     gc.freeze()  # later collections skip the (many) objects of torch, transformers, ...
-    meter = _Cuda() if cuda else _Rss()
+    meter = meter_for(device)
     out: dict[str, Any] = {"mem": {}, "build": {}, "reading": "cuda" if cuda else "rss"}
     for batch in job["batches"]:
         for v in job["variants"]:
-            gc.collect()
-            meter.start()
-            r = build(case, v, batch, device)
-            gc.collect()
-            out["build"][f"{v}/{batch}"] = meter.peak()
-            meter.reset_peak()
-            for _ in range(job["steps"]):
-                r.step()
-            out["mem"][f"{v}/{batch}"] = meter.peak()
+            r, out["build"][f"{v}/{batch}"], out["mem"][f"{v}/{batch}"] = build_measured(
+                case, v, batch, device, job["steps"], meter)
             del r
             gc.collect()
     return out

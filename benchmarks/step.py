@@ -5,27 +5,39 @@ Usage::
 
     python benchmarks/step.py                  # full run on the CPU (several minutes on 2 cores)
     python benchmarks/step.py --quick          # smoke run: tiny models, one rotation
-    python benchmarks/step.py --device cuda    # the same tables on CUDA
+    python benchmarks/step.py --device cuda    # the same tables on CUDA, and the gpt124m ones
     python benchmarks/step.py --models linear --json out.json   # raw numbers, every sample
     python benchmarks/step.py --models sparse --threads 2       # the sparse fine-tuning table
     python benchmarks/step.py --models many    # 48 small weights: the per-weight overhead
+    python benchmarks/step.py --device cuda --models gpt124m,many --budget 8   # gpu_check.sh's
+    python benchmarks/step.py --quick --models gpt124m          # its tiny version, on the CPU
 
 Tables (``_cases``): ``nn.Linear(1024, 4096)`` at batch 8/128/2048; a GPT-2 (2 layers, n_embd 256,
 every 2-D weight of the blocks split) at batch 8/128/2048; ``generate``: a GPT-2 (2 layers,
 n_embd 128, vocab 1000, every 2-D weight of the blocks split by a random 50% mask) timing
 ``model.generate(input_ids, max_new_tokens=32, do_sample=False)``; ``sparse``: sparse
-fine-tuning (project issue 12) of the ``nn.Linear(1024, 4096)`` at batch 8/128/2048; and
+fine-tuning (project issue 12) of the ``nn.Linear(1024, 4096)`` at batch 8/128/2048;
 ``many``: a 12-layer GPT-2 with n_embd 64 (n_head 4, n_positions 64, vocab 1000), batch 2 x 32
 tokens, one torch thread, its 48 block weights (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``,
-``mlp.c_proj``) split. The GPT-2 tables need ``transformers``; without it they are skipped with
-a note.
+``mlp.c_proj``) split; and ``gpt124m``: GPT-2 124M (``GPT2Config()``'s sizes: 12 layers, n_embd
+768, n_head 12, vocab 50257, n_positions 1024; random weights from a seed), batch 8 x 512
+tokens, forward and loss under ``torch.autocast(device type, dtype=torch.bfloat16)``, its 48
+block weights split, in two tables: ``AdamW(..., fused=True)`` and ``AdamW(..., foreach=True)``
+(every ratio is taken within one table). The GPT-2 tables need ``transformers``; without it they
+are skipped with a note.
+
+Default tables (``--models``): on the CPU linear, gpt2, generate, sparse and many (a gpt124m
+table takes minutes on a few cores: ask for it by name); with ``--device cuda`` those and
+gpt124m. ``--quick`` makes every table tiny; gpt124m's: 2 layers of n_embd 64 (n_head 4,
+n_positions 16, vocab 500), batch 2 x 16 tokens, the same autocast and AdamW implementations.
 
 paramsplit 0.3 leaves the model as it is (``split`` returns the model itself) and steps parts of
 each split weight in the optimizer; optimizer-step hooks copy values and gradients between the
 weight and the parts once per step. Every variant builds its own fresh model (``split`` registers
 plans for the parameters it is given, so a model is never shared between variants), from the
 same initial weights; a step is ``zero_grad(set_to_none=True)`` + forward + loss + backward +
-``AdamW.step`` (AdamW's default implementation: on the CPU, its for-loop one).
+``AdamW.step`` (AdamW's default implementation: on the CPU, its for-loop one; in the gpt124m
+tables ``fused=True`` or ``foreach=True``, with forward and loss under bf16 autocast).
 
 Variants (``_variants``, ``_floors``):
 
@@ -71,27 +83,50 @@ The ``many`` table: ``baseline`` (unsplit, also full fine-tuning), ``rows``, ``c
 (random 50%), ``sparse_1`` (a random 1% of every weight trained, the rest FROZEN), ``penalty`` and
 ``hooks``, every ratio over the unsplit step; split weights get weight_decay 0.01 / 0.1.
 
+The ``gpt124m`` tables (one per AdamW implementation): ``baseline`` (unsplit, also full
+fine-tuning), ``rows``, ``cols_floor``, ``cols``, ``mask_floor``, ``mask`` (random 50%),
+``decay``, ``sparse_1`` (a random 1% of every weight trained, the rest FROZEN), ``penalty`` and
+``hooks``: every ratio over the unsplit step, and ``cols`` / ``mask`` also over their floors
+(``x floor``, ``mem x floor``: reported, not judged). The floors' memory is the unsplit model's
+plus persistent buffers for the parts' values and their gradients (weight-sized for cols and for
+a 50% mask with both regions trained; ``mask_floor`` also the int64 permutation): the memory a
+copying layout cannot avoid, against which cols and mask are measured.
+
 Targets: each split (rows, cols, forum, mask) within 1.10x of its floor's step time, and its
 peak memory within 1.05x of its floor's; in the sparse table, ``sparse_1`` at most 0.50x
 ``full_ft``'s step time at batch 8 and faster than ``shira`` at every batch, and the sparse_*
 variants on the sparse layout; in the many table, ``rows`` at most 1.02x the unsplit step and
-``cols``, ``mask``, ``sparse_1`` at most 1.05x, each on its layout. Misses are listed at the end
-("targets missed").
+``cols``, ``mask``, ``sparse_1`` at most 1.05x, each on its layout; in the gpt124m tables (the
+issue's GPU targets, ``_report.GPT124M_TIME_TARGETS`` / ``GPT124M_MEM_TARGETS``): ``rows``,
+``cols``, ``mask``, ``decay`` at most 1.02x the unsplit step, ``sparse_1`` at most 0.95x (full
+fine-tuning's), each on its layout; peak memory: ``rows`` at most 1.01x the unsplit model's,
+``cols`` / ``mask`` at most 1.01x their floors' (within the buffers their parts and part
+gradients need, up to the allocator's rounding), ``sparse_1`` below the unsplit model's (full
+fine-tuning). Misses are listed at the end ("targets missed"; a gpt124m miss names its AdamW
+implementation: ``gpt124m/fused``).
 
-Time (``_timing``): all variants of one table are built, warmed up (2 steps each) and timed
-interleaved in this process, the order rotating every round, in whole rotations until
-``--budget`` seconds have passed; figures are ratios of medians (x unsplit, x floor), with the
-quartiles of the per-round paired ratio as a noise indicator. On CUDA every step is bracketed by
-``torch.cuda.synchronize()``. ``--quick`` runs one rotation, 1 thread unless ``--threads``; a
-table with threads of its own (``many``: 1) runs with those.
+Time (``_timing``): all variants of one table are built (one at a time), warmed up (2 steps
+each) and timed interleaved in this process, the order rotating every round, in whole rotations
+(n rounds of the n variants) until ``--budget`` seconds (default 35; on CUDA 10) have passed;
+figures are ratios of medians (x unsplit, x floor), with the quartiles of the per-round paired
+ratio as a noise indicator. On CUDA every step is bracketed by ``torch.cuda.synchronize()``.
+``--quick`` runs one rotation, 1 thread unless ``--threads``; a table with threads of its own
+(``many``: 1) runs with those. Progress goes to stderr, with the seconds since the start (on CUDA
+and in the gpt124m tables, one line per variant built).
 
-Memory (``_memory``): every (table, variant) is built and stepped twice in a fresh process; the
-figure is the peak over the memory in use before the build (CPU: RSS with glibc's mmap threshold
-pinned low; CUDA: ``torch.cuda.max_memory_allocated``). ``--quick`` measures every table in one
-process, concurrently with the timing. ``--no-memory`` skips it.
+Memory (``_memory``): the figure is the peak over the memory in use just before the variant's
+build, over its build and two steps. On the CPU (RSS with glibc's mmap threshold pinned low)
+every (table, variant) is built and stepped twice in a fresh process; ``--quick`` measures every
+table in one process, concurrently with the timing. On CUDA (``torch.cuda.max_memory_allocated``,
+exact to the allocated byte) this process measures each variant as it builds it for the timing,
+with the peak counters reset before the build and after it, once every variant has run on a tiny
+case of the table (lazy initialisation: cuBLAS workspaces, kernels); the two measured steps are
+warm-up steps too, so no model is built twice (a GPT-2 124M variant takes seconds to build and
+split on the CPU). ``--no-memory`` skips it.
 
 Report (``_report``): one table per model, misses at the end; ``--json PATH`` (default
-``benchmarks/results.json``) gets every record with all samples.
+``benchmarks/results.json``) gets every record with all samples, rewritten after every table
+(``"complete": false`` until the run ends).
 """
 
 from __future__ import annotations
@@ -105,6 +140,11 @@ import time
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: Every table (``Case.kind``), and those a run on the CPU makes by default (gpt124m's 124M model
+#: takes minutes a table on a few cores; ``--models gpt124m`` asks for it, ``--device cuda`` runs
+#: it by default).
+KINDS = ("linear", "gpt2", "generate", "sparse", "many", "gpt124m")
+CPU_MODELS = ("linear", "gpt2", "generate", "sparse", "many")
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -113,15 +153,24 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"),
                     help="where to write every record (default: benchmarks/results.json)")
-    ap.add_argument("--models", default="linear,gpt2,generate,sparse,many",
-                    help="comma-separated tables: linear,gpt2,generate,sparse,many")
+    ap.add_argument("--models", default=None,
+                    help=f"comma-separated tables: {','.join(KINDS)} (default: "
+                    f"{','.join(CPU_MODELS)}; with --device cuda also gpt124m)")
     ap.add_argument("--batches", default=None, help="comma-separated subset of the batches")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds of timed rounds per table and batch (default 35; CUDA 10)")
+                    help="seconds of timed rounds per table and batch (default 35; CUDA 10); "
+                    "whole rotations, so a table may run one rotation past it")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: torch's; --quick: 1)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory probe")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.models is None:
+        cuda = args.device.startswith("cuda")
+        args.models = ",".join(CPU_MODELS + (("gpt124m",) if cuda else ()))
+    unknown = [m for m in args.models.split(",") if m not in KINDS]
+    if unknown:
+        ap.error(f"--models: unknown table(s) {','.join(unknown)}; known: {','.join(KINDS)}")
+    return args
 
 
 def _check_device(device: str) -> str | None:
@@ -139,8 +188,16 @@ def _check_device(device: str) -> str | None:
     return None
 
 
-def _progress(t0: float, what: str) -> None:
-    print(f"[step {time.perf_counter() - t0:6.1f}s] {what} ...", file=sys.stderr, flush=True)
+def _progress(t0: float, what: str, end: str = " ...") -> None:
+    print(f"[step {time.perf_counter() - t0:6.1f}s] {what}{end}", file=sys.stderr, flush=True)
+
+
+def _write_json(report: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.partial"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from _cases import FULL_CASES, QUICK_CASES, have_peft, have_transformers, preload
-    from _memory import Probe
-    from _report import MEM_TARGET, TIME_TARGET, machine_info, record, render
+    from _memory import Probe, build_measured, meter_for, warm_up
+    from _report import (GPT124M_MEM_TARGETS, GPT124M_TIME_TARGETS, MEM_TARGET, TIME_TARGET,
+                         machine_info, record, render)
     from _timing import time_interleaved
     from _variants import GROUPS, VARIANTS, build
 
@@ -172,12 +230,15 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append({"label": f"shira in {c.label()}",
                                 "reason": "peft (>= 0.17, with SHiRA) is not installed"})
     preload(cases)
-    probe = None if args.no_memory else Probe(args.device)  # forks here, before tensor work
+    cuda = args.device.startswith("cuda")
+    # CUDA: memory measured in this process, as the variants are built (no model built twice)
+    in_process = cuda and not args.no_memory
+    # the CPU: a probe that forks here, before tensor work
+    probe = None if args.no_memory or cuda else Probe(args.device)
     threads = args.threads if args.threads is not None else (1 if args.quick else None)
     if threads:
         torch.set_num_threads(threads)
     run_threads = torch.get_num_threads()  # a table without threads of its own runs with these
-    cuda = args.device.startswith("cuda")
     budget = args.budget if args.budget is not None else (0.0 if args.quick else 10.0 if cuda
                                                            else 35.0)
     if cuda and torch.device(args.device).index is not None:
@@ -202,9 +263,15 @@ def main(argv: list[str] | None = None) -> int:
                 probe.submit(job)
     gc.collect()
     gc.freeze()
+    memory = (None if args.no_memory else
+              "torch.cuda.max_memory_allocated, in the timing process" if cuda else
+              "RSS, fresh processes" + (", concurrently with the timing" if args.quick else ""))
     report: dict[str, Any] = {"quick": args.quick, "device": args.device, "threads": threads,
                               "budget_s": budget, "machine": machine_info(args.device),
-                              "targets": {"time_x_floor": TIME_TARGET, "mem_x_floor": MEM_TARGET},
+                              "memory": memory, "complete": False,
+                              "targets": {"time_x_floor": TIME_TARGET, "mem_x_floor": MEM_TARGET,
+                                          "gpt124m_time_x_unsplit": GPT124M_TIME_TARGETS,
+                                          "gpt124m_mem": GPT124M_MEM_TARGETS},
                               "variants": {v.name: {"floor": v.floor, "what": v.what}
                                            for v in VARIANTS.values()
                                            if any(v.name in GROUPS[c.kind] for c in cases)},
@@ -214,18 +281,39 @@ def main(argv: list[str] | None = None) -> int:
         n = len(variants)
         timed = {}
         info: dict[int, dict[str, dict[str, Any]]] = {}
-        torch.set_num_threads(case.threads or run_threads)
-        for batch in batches_of(case):
-            _progress(t0, f"timing {case.label()} batch {batch}")
-            runners = {v: build(case, v, batch, args.device) for v in variants}
-            info[batch] = {v: r.prepared.info for v, r in runners.items()}
-            timed[batch] = time_interleaved({v: r.step for v, r in runners.items()}, budget,
-                                            min_rounds=n, max_rounds=n if args.quick else 40 * n,
-                                            warmup=1 if args.quick else 2, sync=sync)
-            del runners
-            gc.collect()
         mem: dict[str, int] = {}
         build_mem: dict[str, int] = {}
+        torch.set_num_threads(case.threads or run_threads)
+        if in_process:
+            _progress(t0, f"warming up {case.label()} (a tiny model, every variant)")
+            warm_up(case, list(variants), args.device)
+        for batch in batches_of(case):
+            _progress(t0, f"building {case.label()} batch {batch}: {n} variants, one at a time"
+                      + (", each stepped twice for its peak memory" if in_process else ""))
+            runners = {}
+            for i, v in enumerate(variants):
+                if in_process:
+                    key = f"{v}/{batch}"
+                    runners[v], build_mem[key], mem[key] = build_measured(
+                        case, v, batch, args.device, 2, meter_for(args.device))
+                else:
+                    runners[v] = build(case, v, batch, args.device)
+                if cuda or case.kind == "gpt124m":
+                    _progress(t0, f"  built {v} ({i + 1}/{n})"
+                              + (f", peak {mem[key] / 2**20:.0f} MB" if in_process else ""), end="")
+            info[batch] = {v: r.prepared.info for v, r in runners.items()}
+            _progress(t0, f"timing {case.label()} batch {batch}"
+                      + ("" if args.quick else f" (budget {budget:g} s, whole rotations of "
+                         f"{n} x {n} steps)"))
+            timed[batch] = time_interleaved({v: r.step for v, r in runners.items()}, budget,
+                                            min_rounds=n, max_rounds=n if args.quick else 40 * n,
+                                            warmup=1 if args.quick or in_process else 2,
+                                            sync=sync)
+            _progress(t0, f"timed {timed[batch][1]} rounds", end="")
+            del runners
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         if probe is not None:
             _progress(t0, f"memory {case.label()}")
             case_jobs = jobs(case)
@@ -240,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         report["cases"].append({"label": case.label(), "kind": case.kind, "sizes": case.sizes,
                                 "seq": {b: case.seq[b] for b in timed if b in case.seq},
                                 "threads": torch.get_num_threads(),
+                                "autocast": case.autocast, "adamw": case.adamw,
                                 "n_split": max((i.get("n_targets", 0) for i in first.values()),
                                                default=0)})
         torch.set_num_threads(run_threads)
@@ -247,15 +336,17 @@ def main(argv: list[str] | None = None) -> int:
             for v in variants:
                 report["results"].append(record(case, batch, v, samples, rounds, mem, build_mem,
                                                 info[batch][v]))
+        if args.json:  # what is done so far survives a run cut short (gpu_check's timeouts)
+            report["wall_s"] = time.perf_counter() - t0
+            _write_json(report, args.json)
     if probe is not None:
         probe.close()
     report["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     report["wall_s"] = time.perf_counter() - t0
+    report["complete"] = True
     print(render(report))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        _write_json(report, args.json)
         print(f"wrote {args.json}")
     return 0
 
