@@ -242,3 +242,20 @@ def test_blocks_that_are_all_frozen(plan):
         opt.step()
     assert torch.equal(model[0].weight, before)
     assert not torch.equal(model[0].bias, bias)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.sampled_from([0.0, -0.0, 0.01, 0.1, 1e-30, 2.5, float("inf")]), max_size=40),
+       st.lists(st.floats(0, 1, width=32), max_size=12), st.sampled_from([torch.float32,
+                                                                          torch.float64,
+                                                                          torch.bfloat16]))
+def test_decay_tensor_values_are_found_as_torch_unique_finds_them(few, many, dtype):
+    """A decay tensor's distinct values and each element's index among them, found by one pass
+    per value (up to 8) or by a sort: the same as ``torch.unique(..., return_inverse=True)``."""
+    from paramsplit._spec import _distinct
+
+    for values in (few, few + many):
+        flat = torch.tensor(values, dtype=dtype)
+        want, want_ids = torch.unique(flat, return_inverse=True)
+        got, ids = _distinct(flat)
+        assert torch.equal(got, want) and torch.equal(ids, want_ids), values
