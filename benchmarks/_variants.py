@@ -428,6 +428,10 @@ def floor_of(kind: str, variant: str) -> str | None:
 class Runner:
     step: Callable[[], None]
     prepared: Prepared
+    #: the training step's two halves (``step`` is one, then the other; None for ``generate``):
+    #: zero_grad + forward + loss + backward, then the floor's work + ``optimizer.step()``
+    forward_backward: Callable[[], None] | None = None
+    update: Callable[[], None] | None = None
 
 
 def build(case: Case, variant: str, batch: int, device: str | torch.device = "cpu") -> Runner:
@@ -452,17 +456,23 @@ def build(case: Case, variant: str, batch: int, device: str | torch.device = "cp
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
 
-    def train_step() -> None:
+    def forward_backward() -> None:
         opt.zero_grad(set_to_none=True)
         with autocast():
             loss = task_loss(case, p.model, inputs)
             if p.extra_loss is not None:
                 loss = loss + p.extra_loss()
         loss.backward()
+
+    def update() -> None:
         if p.before_step is not None:
             p.before_step()
         opt.step()
         if p.after_step is not None:
             p.after_step()
 
-    return Runner(train_step, p)
+    def train_step() -> None:
+        forward_backward()
+        update()
+
+    return Runner(train_step, p, forward_backward, update)

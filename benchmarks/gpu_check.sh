@@ -13,6 +13,9 @@
 #       each, every one a 124M model built on the CPU and moved over, memory measured as they are
 #       built) and the 48-weight `many` one; 8 s of timed rounds per table (whole rotations: about
 #       10 s for a 124M table at 35-50 ms a step). The JSON is rewritten after every table.
+#   (c) python benchmarks/phases.py --device cuda --models gpt124m,many
+#           --variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20
+#       where the time goes: forward + backward, and the update's host and device time
 # Without one (or with PARAMSPLIT_GPU_CHECK_CPU=1), a quick mode that runs here too:
 #   python benchmarks/step.py --quick --json $OUT/step_cpu_quick.json
 #       --models linear,gpt2,generate,sparse,many,gpt124m     (tiny models, every table; no pytest)
@@ -25,6 +28,7 @@ set -u
 
 TOTAL_S=420      # 7 minutes for everything
 TESTS_S=180      # the test suite's share at most; the benchmark gets what is left
+PHASES_S=90      # kept for the phases after the benchmark
 START=$SECONDS
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
@@ -89,9 +93,12 @@ if [ "$MODE" = cuda ]; then
     printf '%s\n' "$PIPS" | head -80 | tee -a "$LOG"
     stage "tests on cuda" "$(( $(left) < TESTS_S ? $(left) : TESTS_S ))" \
         env PARAMSPLIT_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests/test_device.py
-    stage "step benchmark on cuda" "$(left)" \
+    stage "step benchmark on cuda" "$(( $(left) - PHASES_S ))" \
         "$PY" benchmarks/step.py --device cuda --models gpt124m,many --budget 8 \
         --json "$OUT/step_cuda.json"
+    stage "phases on cuda" "$(left)" \
+        "$PY" benchmarks/phases.py --device cuda --models gpt124m,many \
+        --variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20
 else
     stage "step benchmark, quick, on cpu" "$(left)" \
         "$PY" benchmarks/step.py --quick --json "$OUT/step_cpu_quick.json" \

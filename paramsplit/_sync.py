@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.optim import optimizer as _optimizer
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -87,6 +88,14 @@ class _Part(nn.Parameter):
         memo[id(self)] = out
         return out
 
+
+# torch's optimizers take their multi-tensor (foreach) path by default (on CUDA) only for tensors
+# whose type is in this list, and fall back to a for-loop over the tensors for any other type:
+# per part and op, a kernel launch. A part steps as a Parameter; torch.distributed.tensor
+# registers DTensor the same way. The one private name paramsplit touches
+# (tests/test_optimizers.py pins it).
+if _Part not in _optimizer._foreach_supported_types:
+    _optimizer._foreach_supported_types.append(_Part)
 
 #: Group key holding the fingerprints of the parts a group was made with (see ``_groups``).
 LAYOUT_KEY = "paramsplit_layout"

@@ -162,15 +162,26 @@ def test_resplit_time_quick(tmp_path, capsys):
 
 
 def test_phases_prints_every_variant(capsys):
-    _load("phases").main(["--rounds", "2"])
-    rows = capsys.readouterr().out.splitlines()[2:]
-    assert [r.split()[0] for r in rows] == ["unsplit", "rows", "cols", "mask", "decay"]
+    _load("phases").main(["--quick", "--rounds", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("phases of a step, nn.Linear(128, 512), batch 8, cpu")
+    rows = lines[2:]
+    assert sorted(r.split()[0] for r in rows) == sorted(GROUPS["linear"])
     for r in rows:
-        groups, *ms = r.split()[1:]
-        # unsplit: one group; parts: default + two weight_decay groups; decay: default + the
-        # per-element weight_decay group
-        assert int(groups) == {"unsplit": 1, "decay": 2}.get(r.split()[0], 3)
+        name, groups, *ms = r.split()
+        # the unsplit model and the floors: targets + the rest; parts: a group per weight_decay
+        # + the rest; decay: the per-element weight_decay group + the rest
+        want = 3 if name in ("rows", "cols", "forum", "mask", "parametrize") else 2
+        assert int(groups) == want, name
         assert all(_positive(float(v)) for v in ms)
+
+
+def test_phases_times_a_gpt124m_table_with_one_adamw_implementation(capsys):
+    _load("phases").main(["--quick", "--rounds", "1", "--models", "gpt124m", "--adamw", "foreach",
+                          "--variants", "baseline,sparse_1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and "AdamW(foreach=True)" in lines[0] and "bf16 autocast" in lines[0]
+    assert [r.split()[0] for r in lines[2:]] == ["baseline", "sparse_1"]
 
 
 def test_gpu_check_cpu_mode_writes_log_and_json(gpu_check):
@@ -401,13 +412,16 @@ def test_gpu_check_cuda_branch_dry(tmp_path):
            "transformers.__version__, torch.cuda.get_device_name())" in log
     assert "stub-python -m pip list" in log
     stages = [ln for ln in log.splitlines() if ln.startswith("gpu_check: == ") and "(timeout" in ln]
-    assert len(stages) == 2
+    assert len(stages) == 3
     assert stages[0].endswith("env PARAMSPLIT_TEST_DEVICE=cuda " + str(stubs / "python")
                               + " -m pytest -q -p no:cacheprovider tests/test_device.py")
     assert stages[1].endswith(" benchmarks/step.py --device cuda --models gpt124m,many --budget 8 "
                               f"--json {tmp_path / 'out' / 'step_cuda.json'}")
+    assert stages[2].endswith(" benchmarks/phases.py --device cuda --models gpt124m,many "
+                              "--variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20")
     timeouts = [int(re.search(r"\(timeout (\d+) s\)", ln)[1]) for ln in stages]
-    assert timeouts[0] <= 180 and timeouts[1] <= 420  # the rest of 7 minutes
+    # 7 minutes in all, the phases' share kept from the benchmark's (the stubs take no time)
+    assert timeouts[0] <= 180 and timeouts[1] <= 420 - 90 and 90 <= timeouts[2] <= 420
     assert "every stage passed" in log.splitlines()[-1]
 
 

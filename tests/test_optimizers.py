@@ -384,3 +384,26 @@ def test_zz_table(capsys):
                      for line in lines)
     with capsys.disabled():
         print("\n" + text)
+
+
+def test_default_optimizers_step_parts_with_their_multi_tensor_kernels(monkeypatch):
+    """torch's optimizers take their foreach path by default (on CUDA) only for the tensor types
+    in ``torch.optim.optimizer._foreach_supported_types`` (the one private name paramsplit
+    touches: it registers its part type there, as torch registers DTensor) and fall back to a
+    for-loop with a kernel launch per part and op otherwise. Here the CPU is made a foreach
+    device so a default AdamW shows which implementation it picks for a split weight's group."""
+    from torch.optim import adam, optimizer
+
+    model, groups = paramsplit.split(nn.Linear(8, 6), {"weight": rows({(0, 3): {"lr": 0.1},
+                                                                        (3, None): {}})})
+    parts = [p for g in groups for p in g["params"] if p is not model.weight and p is not model.bias]
+    assert len(parts) == 2 and all(type(p) in optimizer._foreach_supported_types for p in parts)
+    monkeypatch.setattr(optimizer, "_get_foreach_kernels_supported_devices", lambda: ["cpu"])
+    used = []
+    for name in ("_multi_tensor_adam", "_single_tensor_adam"):
+        monkeypatch.setattr(adam, name, lambda *a, _f=getattr(adam, name), _n=name, **k:
+                            (used.append(_n), _f(*a, **k))[1])
+    opt = torch.optim.AdamW(groups, lr=0.05)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()
+    assert used and set(used) == {"_multi_tensor_adam"}, used
