@@ -16,7 +16,7 @@ torch calls into buffers allocated once (the least a copying layout could do):
   column views of the weight) and a copy of their gradient (from the column views of ``W.grad``);
   after the step, a copy of the values back into the weight's columns.
 * ``mask_floor``: the unsplit step + ``index_select`` of the values, ``index_select`` of the
-  gradient and ``index_copy_`` back, per weight and step, over the flat weight, with the int64
+  gradient and ``scatter_`` back, per weight and step, over the flat weight, with the int64
   permutation that sorts the elements by the ``mask`` variant's random 50% mask (stable: the
   order a mask split of that mask keeps its trained elements in; both regions are trained, so all
   elements). ``sparse`` is the same mechanism over fewer elements (no floor of its own: the
@@ -96,6 +96,6 @@ def mask_floor(model: nn.Module, names: list[str], device: torch.device,
     def after_step() -> None:
         with torch.no_grad():
             for f, perm, v in zip(flats, perms, values):
-                f.index_copy_(0, perm, v)
+                f.scatter_(0, perm, v)
 
     return before_step, after_step

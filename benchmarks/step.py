@@ -52,7 +52,7 @@ Variants (``_variants``, ``_floors``):
                    ``mask[:, :512] = 1`` as ``paramsplit.Regions`` with two weight-decay options;
                    its regions are two column blocks, so its floor is ``cols_floor``.
 * ``mask_floor``   the unsplit step + ``index_select`` of the values, ``index_select`` of the
-                   gradient (before ``AdamW.step``) and ``index_copy_`` of the values back (after
+                   gradient (before ``AdamW.step``) and ``scatter_`` of the values back (after
                    it), with the int64 permutation that sorts the elements by the ``mask``
                    variant's random 50% mask.
 * ``mask``         ``paramsplit.Regions``, a random 50% mask; floor: ``mask_floor``.
@@ -79,9 +79,13 @@ The ``sparse`` table has variants of its own, every ratio over ``full_ft``; a ra
 (0.2's ``sparse_mask_1/10`` column, the same spec forced onto the gather layout, is gone: in 0.3
 ``sparse`` and ``mask`` are one mechanism.)
 
-The ``many`` table: ``baseline`` (unsplit, also full fine-tuning), ``rows``, ``cols``, ``mask``
-(random 50%), ``sparse_1`` (a random 1% of every weight trained, the rest FROZEN), ``penalty`` and
-``hooks``, every ratio over the unsplit step; split weights get weight_decay 0.01 / 0.1.
+The ``many`` table: ``baseline`` (unsplit, also full fine-tuning), ``rows_by_hand`` (AdamW over
+the two row blocks of each weight as tensors of their own, gradients handed over by a plain loop,
+no paramsplit: the optimizer's cost of stepping twice as many tensors, which every optimizer-side
+split pays), ``rows``, ``cols_floor``, ``cols``, ``mask_floor``, ``mask`` (random 50%), ``decay``,
+``sparse_1`` (a random 1% of every weight trained, the rest FROZEN), ``penalty`` and ``hooks``,
+every ratio over the unsplit step (the floors shown, not judged); split weights get weight_decay
+0.01 / 0.1.
 
 The ``gpt124m`` tables (one per AdamW implementation): ``baseline`` (unsplit, also full
 fine-tuning), ``rows``, ``cols_floor``, ``cols``, ``mask_floor``, ``mask`` (random 50%),

@@ -27,7 +27,8 @@ BENCH = ROOT / "benchmarks"
 ALL = {"baseline", "rows", "cols_floor", "cols", "forum", "mask_floor", "mask", "decay", "penalty",
        "hooks", "parametrize"}
 SPARSE = {"full_ft", "sparse_1", "hooks_1", "sparse_10", "hooks_10"}
-MANY = {"baseline", "rows", "cols", "mask", "decay", "sparse_1", "penalty", "hooks"}
+MANY = {"baseline", "rows_by_hand", "rows", "cols_floor", "cols", "mask_floor", "mask", "decay",
+        "sparse_1", "penalty", "hooks"}
 GPT124M = {"baseline", "rows", "cols_floor", "cols", "mask_floor", "mask", "decay", "sparse_1",
            "penalty", "hooks"}
 
