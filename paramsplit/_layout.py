@@ -139,31 +139,59 @@ class _Rows(_Layout):
 
 
 class _Cols(_Layout):
-    """Blocks of dim 1: each part is a dense copy of a block of columns."""
+    """Blocks of dim 1: each part is a dense copy of a block of columns. Trained blocks of one
+    width that follow each other (a fused projection's q / k / v, the two halves of a layer)
+    are copied by one strided copy each way, their parts being slices of one base tensor."""
+
+    def __init__(self, target: _Target) -> None:
+        super().__init__(target)
+        widths = {b - a for a, b in self.bounds}
+        follow = all(b == a2 for (_, b), (a2, _) in zip(self.bounds, self.bounds[1:]))
+        self._even = (self.bounds[0][0], len(self.bounds), widths.pop()) \
+            if len(widths) == 1 and follow else None
 
     def _views(self, full: Tensor) -> list[Tensor]:
         return [full.narrow(1, a, b - a) for a, b in self.bounds]
+
+    def _stacked(self, full: Tensor) -> Tensor:
+        """The trained blocks as one view of ``full``: (blocks, rows, width, ...)."""
+        assert self._even is not None
+        a, k, w = self._even
+        return full.narrow(1, a, k * w).unflatten(1, (k, w)).movedim(1, 0)
 
     def pieces(self, full: Tensor) -> list[Tensor]:
         return [v.contiguous() for v in self._views(full)]
 
     def parts_from(self, weight: Tensor) -> list[Tensor]:
-        self._in = self._views(weight.detach())  # the weight's blocks, kept while it stays put
-        return super().parts_from(weight)
+        w = weight.detach()
+        if self._even is None:
+            self._in, self._base = self._views(w), None  # the weight's blocks, while it stays put
+            return super().parts_from(weight)
+        self._at = _where(weight)
+        self._in = [self._stacked(w)]
+        self._base = self._in[0].contiguous()  # the parts are its slices
+        return list(self._base.unbind(0))
+
+    def _dense(self, parts: list[Tensor]) -> list[Tensor]:
+        return parts if self._base is None else [self._base]
 
     def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
         if _where(weight) != self._at:
             return False
-        copies.add(parts, self._in)
+        copies.add(self._dense(parts), self._in)
         return True
 
     def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
-        out = [torch.empty_like(p) for p in parts]
-        copies.add(out, self._views(grad))
-        return out
+        if self._base is None:
+            out = [torch.empty_like(p) for p in parts]
+            copies.add(out, self._views(grad))
+            return out
+        base = torch.empty_like(self._base)
+        copies.add([base], [self._stacked(grad)])
+        return list(base.unbind(0))
 
     def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
-        copies.add(self._in, parts)
+        copies.add(self._in, self._dense(parts))
 
     def write(self, full: Tensor, pieces: list[Tensor]) -> None:
         torch._foreach_copy_(self._views(full), pieces)

@@ -24,6 +24,8 @@ def _plans(shape=(9, 12)):
     return {
         "rows": rows({(0, 4): {"weight_decay": 0.0}, (4, None): {"weight_decay": 0.1}}),
         "cols": cols({(2, 7): {"weight_decay": 0.3}}),
+        # column blocks of one width after a FROZEN one: copied as one block from column 2 on
+        "even-cols": cols({(0, 2): FROZEN, (2, 7): {"lr": 0.01}, (7, None): {"weight_decay": 0.2}}),
         "regions": Regions(torch.randint(0, 3, shape, generator=g),
                            {0: {"lr": 0.01}, 1: {"weight_decay": 0.2}, 2: FROZEN}),
         "bool-mask": Regions(torch.rand(shape, generator=g) < 0.5, {True: {"weight_decay": 0.0},
@@ -150,6 +152,8 @@ def test_parts_are_dense_tensors_holding_the_trained_elements(kind):
     frozen = (torch.zeros(9, 12, dtype=torch.bool) if not isinstance(plan, Regions) else
               torch.tensor([plan.options[v.item()] is FROZEN for v in plan.mask.flatten()])
               .view(9, 12))
+    if kind == "even-cols":
+        frozen[:, :2] = True
     assert sum(p.numel() for p in parts) == int((~frozen).sum())
     if kind == "rows":  # rows({(0, 4): ..., (4, None): ...}): views of the weight's rows
         assert _layouts(model)["0.weight"] == "rows"

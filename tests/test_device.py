@@ -35,6 +35,8 @@ def _plans(shape=(9, 12), same=False):
     return {
         "rows": rows({(0, 4): a, (4, None): b}),
         "cols": cols({(2, 7): a}),
+        # three column blocks of one width: copied as one block (a fused projection's q / k / v)
+        "qkv": cols({(0, 4): a, (4, 8): b, (8, None): {}}),
         "mask": Regions(torch.randint(0, 3, shape, generator=g), {0: {}, 1: a, 2: b}),
         "sparse": Regions(torch.rand(shape, generator=g) < 0.2, {True: a, False: FROZEN}),
         # regions that differ in weight_decay only: the decay layout, no parts
@@ -48,7 +50,7 @@ def _mlp(dtype=torch.float32, seed=0):
     return nn.Sequential(nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 5)).to(DEVICE, dtype)
 
 
-@pytest.mark.parametrize("kind", ["rows", "cols", "mask", "sparse", "decay"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "qkv", "mask", "sparse", "decay"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_backward_bitwise(kind, dtype):
     model = _mlp(dtype)
@@ -65,14 +67,14 @@ def test_forward_backward_bitwise(kind, dtype):
         assert torch.equal(sm.eval()(x), ref.eval()(x))
 
 
-@pytest.mark.parametrize("kind", ["rows", "cols", "mask", "decay"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "qkv", "mask", "decay"])
 @pytest.mark.parametrize("impl", ["foreach", "fused", "capturable"])
 def test_training_equals_unsplit(kind, impl):
     model = _mlp()
     ref = copy.deepcopy(model)
     sm, groups = paramsplit.split(model, {"0.weight": _plans(same=True)[kind]},
                                   per_element_decay=kind == "decay")  # rows/cols/mask: parts
-    assert paramsplit._sync._SPLITS[sm[0].weight].label == kind
+    assert paramsplit._sync._SPLITS[sm[0].weight].label == {"qkv": "cols"}.get(kind, kind)
     kw = {"foreach": {"foreach": True}, "fused": {"fused": True},
           "capturable": {"capturable": True, "foreach": True}}[impl]
     if impl == "capturable" and DEVICE.type == "cpu":
@@ -148,7 +150,7 @@ def test_compiled_training_step_matches_eager(kind):
 
 
 @CUDA_ONLY
-@pytest.mark.parametrize("kind", ["rows", "cols", "mask", "decay"])
+@pytest.mark.parametrize("kind", ["rows", "cols", "qkv", "mask", "decay"])
 def test_cuda_graph_captured_training_step(kind):
     model = _mlp()
     ref = copy.deepcopy(model)

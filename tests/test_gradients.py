@@ -16,7 +16,8 @@ from torch import nn
 
 import paramsplit as ps
 
-KINDS = ["rows", "cols", "mask", "sparse", "decay"]
+#: qkv: three column blocks of one width, which cols copies as one block (a fused projection)
+KINDS = ["rows", "cols", "qkv", "mask", "sparse", "decay"]
 
 
 def spec_of(kind: str) -> dict:
@@ -31,6 +32,8 @@ def spec_of(kind: str) -> dict:
         return {"0": ps.rows({(0, 4): opts, (4, None): {}})}
     if kind == "cols":
         return {"0": ps.cols({(0, 5): opts, (5, None): {}})}
+    if kind == "qkv":
+        return {"0": ps.cols({(0, 4): opts, (4, 8): {}, (8, None): {"weight_decay": 0.05}})}
     mask = torch.rand(9, 12, generator=torch.Generator().manual_seed(0))
     if kind == "mask":
         return {"0": ps.Regions(mask > 0.5, {True: opts, False: {}})}
@@ -97,7 +100,7 @@ def test_weight_grad_after_backward_is_the_unsplit_gradient(kind):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad), name  # FROZEN elements hold the backward's gradient
     split = ps._sync._SPLITS[model[0].weight]
-    assert split.label == kind
+    assert split.label == {"qkv": "cols"}.get(kind, kind)
     assert all(part.grad is None for part in split.parts)  # parts hold gradients only in a step
 
 
