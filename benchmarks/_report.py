@@ -177,7 +177,8 @@ def render(report: dict[str, Any]) -> str:
     load_end = "/".join(f"{x:.1f}" for x in m.get("loadavg_end") or ())
     lines = [
         "paramsplit step benchmark on " + report["device"]
-        + (" (--quick: tiny models, smoke test only; memory measured while timing)"
+        + (" (--quick: small models, smoke test only"
+           + ("; memory measured while timing)" if report.get("memory") else ")")
            if report["quick"] else ""),
         f"machine: {m['cpu_count']} CPUs ({m['cpu_affinity']} usable), {m['cpu']}"
         + (f", GPU {m['gpu']}" if m["gpu"] else "")

@@ -20,8 +20,11 @@ paramsplit 0.3 runs no code of its own in forward and backward: a split's whole 
 update, which holds paramsplit's optimizer-step hooks (the gathers and scatters of ``cols`` /
 ``mask``, the per-element decay of ``decay``) and the optimizer's extra param groups and parts.
 Medians in ms over ``--rounds`` rounds (after 3 warm-up rounds), with the step's ratio to the
-table's reference (``step.py``'s: the unsplit model). On the CPU the synchronisations are no-ops
-and ``update (host)`` is ``update``.
+table's reference (``step.py``'s: the unsplit model); ``groups``: the param groups of the
+variant's optimizer (a split adds one per distinct region options). On the CPU the
+synchronisations are no-ops and ``update (host)`` is ``update``. Threads: ``--threads``, else
+one under ``--quick`` or in a table with its own (``many``), else torch's default; the header
+gives them and the load average before and after (other work on the machine skews CPU figures).
 """
 
 from __future__ import annotations
@@ -51,8 +54,14 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--variants", default=None, help="comma-separated (default: the table's)")
     ap.add_argument("--batch", type=int, default=None, help="default: the table's first")
     ap.add_argument("--rounds", type=int, default=50)
-    ap.add_argument("--quick", action="store_true", help="step.py's tiny tables")
+    ap.add_argument("--quick", action="store_true", help="step.py's small tables")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default: 1 with --quick or in many, else torch's)")
     return ap.parse_args(argv)
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,7 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cases = [c for c in (QUICK_CASES if args.quick else FULL_CASES)
              if c.kind in args.models.split(",") and args.adamw in (None, c.adamw)]
+    default_threads = torch.get_num_threads()
     for case in cases:
+        torch.set_num_threads(args.threads or case.threads or (1 if args.quick else
+                                                               default_threads))
+        load = _load()
         variants = args.variants.split(",") if args.variants else list(GROUPS[case.kind])
         batch = args.batch or case.batches[0]
         runners = {v: build(case, v, batch, device) for v in variants}
@@ -90,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         ref = REFERENCE[case.kind] if REFERENCE[case.kind] in med else variants[0]
         base = med[ref]["fwd+bwd"] + med[ref]["update"]
         print(f"phases of a step, {case.label()}, batch {batch}, {device} (median ms over "
-              f"{args.rounds} interleaved rounds; x: the step over {ref}'s)")
+              f"{args.rounds} interleaved rounds; x: the step over {ref}'s; torch threads "
+              f"{torch.get_num_threads()}, load average {load} -> {_load()})")
         print(f"{'variant':12} {'groups':>6} {'fwd+bwd':>8} {'update (host)':>13} "
               f"{'update':>8} {'step':>8} {'x':>6}")
         for v, m in med.items():

@@ -4,7 +4,7 @@
 Usage::
 
     python benchmarks/step.py                  # full run on the CPU (several minutes on 2 cores)
-    python benchmarks/step.py --quick          # smoke run: tiny models, one rotation
+    python benchmarks/step.py --quick          # smoke run: small models, one rotation
     python benchmarks/step.py --device cuda    # the same tables on CUDA, and the gpt124m ones
     python benchmarks/step.py --models linear --json out.json   # raw numbers, every sample
     python benchmarks/step.py --models sparse --threads 2       # the sparse fine-tuning table
@@ -28,7 +28,8 @@ are skipped with a note.
 
 Default tables (``--models``): on the CPU linear, gpt2, generate, sparse and many (a gpt124m
 table takes minutes on a few cores: ask for it by name); with ``--device cuda`` those and
-gpt124m. ``--quick`` makes every table tiny; gpt124m's: 2 layers of n_embd 64 (n_head 4,
+gpt124m. ``--quick`` makes every table tiny but ``many`` (small already: its full size);
+gpt124m's: 2 layers of n_embd 64 (n_head 4,
 n_positions 16, vocab 500), batch 2 x 16 tokens, the same autocast and AdamW implementations.
 
 paramsplit 0.3 leaves the model as it is (``split`` returns the model itself) and steps parts of
@@ -153,7 +154,7 @@ CPU_MODELS = ("linear", "gpt2", "generate", "sparse", "many")
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny models, one rotation (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="small models, one rotation (smoke run)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"),
                     help="where to write every record (default: benchmarks/results.json)")

@@ -89,7 +89,8 @@ class Blocks:
 
 
 def rows(blocks: Mapping[tuple[int, int | None], RegionOptions]) -> Blocks:
-    """Blocks of dim 0, keyed by ``(start, stop)``; ``stop=None`` means to the end.
+    """Blocks of dim 0, keyed by ``(start, stop)``; ``stop=None`` means to the end, and negative
+    bounds count from the end, as in slicing (``(-8, None)``: the last 8 rows).
 
     Rows no block covers keep the optimizer's defaults.
 
@@ -473,6 +474,7 @@ def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks, why: 
                 or not (span[1] is None or isinstance(span[1], int))):
             raise _fail(key, f"{which} keys must be (start, stop) tuples of ints, got {span!r}")
         start, stop = span[0], size if span[1] is None else span[1]
+        start, stop = start + size if start < 0 else start, stop + size if stop < 0 else stop
         if not 0 <= start < stop <= size:
             raise _fail(key, f"{which} block {span!r} is out of range or empty for size {size}")
         spans.append((start, stop, _options(key, value, f"{which} block {span!r}", why)))
@@ -600,7 +602,10 @@ def _targets(model: nn.Module, spec: Spec, max_regions: int) -> list[_Target]:
                              f"'weight'; {shown}")
         else:
             close = difflib.get_close_matches(key, list(candidates), n=3)
-            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            names = list(dict(model.named_parameters()))
+            hint = (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else
+                    f"; the model's parameters are {', '.join(repr(n) for n in names[:6])}"
+                    f"{f' ... ({len(names)} in all)' if len(names) > 6 else ''}")
             raise _fail(key, f"no parameter or module with this name{hint}")
         for p in dict.fromkeys(params):  # dedupe by identity, keep order
             if id(p) in chosen:

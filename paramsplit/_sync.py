@@ -482,7 +482,7 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
                 f"cleared by optimizer.zero_grad()). Keep the parameters of paramsplit's groups "
                 f"together in one optimizer (regrouping them within it is fine).")
     steppers: list[Any] = list(splits.values())
-    unsplit = []
+    unsplit: list[_Split] = []
     for g in optimizer.param_groups:
         for p in g["params"]:
             s = _SPLITS.get(p)
@@ -490,9 +490,9 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
                     and g.get("weight_decay", 0.0) == 0.0):
                 steppers.append(_Decaying(s, optimizer, g))
             elif s is not None and s.decay is not None and p.requires_grad:
-                unsplit.append(s.name)  # its group decays it as a whole
+                unsplit.append(s)  # its group decays it as a whole
             elif s is not None and s.parts and id(s) not in splits and p.requires_grad:
-                unsplit.append(s.name)
+                unsplit.append(s)
     copies = [s.name for s in splits.values() if s.label != "rows"]
     if copies and "ScheduleFree" in type(optimizer).__name__:
         raise RuntimeError(
@@ -510,13 +510,17 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
             f"weight_decay alone, a plan whose regions differ only in weight_decay keeps the "
             f"tensor whole (the 'decay' layout).", stacklevel=4)
     if unsplit:
+        decays = any(u.decay is not None for u in unsplit)
+        frozen = any(r.options is None for u in unsplit for r in u.regions)
         warnings.warn(
-            f"paramsplit: this optimizer steps {', '.join(repr(n) for n in unsplit)} as whole "
-            f"tensors, ignoring the region options paramsplit.split was given for them (for "
-            f"per-element weight_decay: outside a group named {DECAY_GROUP!r} with "
-            f"weight_decay 0): it was not built from paramsplit's groups. Build it as "
-            f"`torch.optim.AdamW(groups, ...)` "
-            f"with the groups paramsplit.split returned (or paramsplit.param_groups(model)).",
+            f"paramsplit: this optimizer steps {', '.join(repr(u.name) for u in unsplit)} as "
+            f"{'a whole tensor' if len(unsplit) == 1 else 'whole tensors'}, ignoring the region options paramsplit.split was given for them"
+            + (f" (for per-element weight_decay: outside a group named {DECAY_GROUP!r} with "
+               f"weight_decay 0)" if decays else "")
+            + (" and training their FROZEN elements" if frozen else "")
+            + ": it was not built from paramsplit's groups. Build it as "
+            "`torch.optim.AdamW(groups, ...)` with the groups paramsplit.split returned (or "
+            "paramsplit.param_groups(model)).",
             stacklevel=4)
     _CACHE[optimizer] = (signature, steppers)
     return steppers

@@ -18,7 +18,8 @@ def _model():
 CASES = [
     # (spec, key named in the message, words the message must contain)
     ({"0.wieght": {}}, "0.wieght", ["no parameter or module", "did you mean", "'0.weight'"]),
-    ({"3": {}}, "3", ["no parameter or module"]),
+    ({"3": {}}, "3", ["no parameter or module", "the model's parameters are '0.weight', "
+                            "'0.bias', '2.weight', '2.bias'"]),
     ({"*.conv": {}}, "*.conv", ["matches no parameter"]),
     ({"0": Regions(torch.zeros(4, 3, dtype=torch.long), {0: {}})}, "0", ["shape (4, 3)", "(3, 4)"]),
     ({"0": Regions(torch.zeros(3, 4), {0: {}})}, "0", ["integer or bool", "torch.float32"]),

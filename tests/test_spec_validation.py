@@ -290,3 +290,18 @@ def test_module_without_a_weight_lists_its_parameters():
                            r"parameter 'weight'; its parameters are: ")
     assert "'attn.in_proj_weight'" in message and "'attn.out_proj.weight'" in message
     paramsplit.split(model, {"attn.out_proj": {"weight_decay": 0.0}})  # a sub-module's weight
+
+
+@pytest.mark.parametrize("make, dim", [(rows, 0), (cols, 1)])
+def test_negative_block_bounds_count_from_the_end_as_in_slicing(make, dim):
+    model = nn.Sequential(nn.Linear(6, 5))
+    size = model[0].weight.shape[dim]
+    blocks = {(-2, None): FROZEN, (0, -3): {"lr": 0.1}}
+    same = {(size - 2, None): FROZEN, (0, size - 3): {"lr": 0.1}}
+    (got,) = _resolve(model, {"0.weight": make(blocks)})
+    (want,) = _resolve(model, {"0.weight": make(same)})
+    assert got.bounds == want.bounds and [(r.options, r.numel) for r in got.regions] == \
+        [(r.options, r.numel) for r in want.regions]
+    message = _split_fails(model, {"0.weight": make({(-size - 1, None): FROZEN})},
+                           r"out of range or empty")
+    assert f"({-size - 1}, None)" in message and f"size {size}" in message

@@ -239,7 +239,8 @@ def test_warning_only_for_an_optimizer_not_built_from_the_groups():
                                         "weight_decay": 0.0}], lr=0.05)
         train(model, regrouped, batches(2))
     plain = torch.optim.AdamW(model.parameters(), lr=0.05)
-    with pytest.warns(UserWarning, match="paramsplit: this optimizer steps '0.weight' as whole"):
+    with pytest.warns(UserWarning,
+                      match="paramsplit: this optimizer steps '0.weight' as a whole tensor"):
         train(model, plain, batches(1))
 
 
@@ -364,3 +365,18 @@ def test_a_step_refused_for_one_weight_leaves_every_weight_as_it_was(kind, repla
     opt.step()
     train(ref, ref_opt, [second_batch])
     assert_equal_models(model, ref)
+
+
+@pytest.mark.parametrize("plan, says, not_says", [
+    (ps.rows({(0, 3): ps.FROZEN, (3, None): {"lr": 0.01}}), "training their FROZEN elements",
+     "per-element weight_decay"),
+    (ps.Regions(torch.arange(108).reshape(9, 12) % 2, {0: {"weight_decay": 0.1}, 1: {}}),
+     "for per-element weight_decay: outside a group named 'per-element weight_decay'", "FROZEN"),
+])
+def test_the_not_built_from_the_groups_warning_names_what_is_ignored(plan, says, not_says):
+    model, _ = ps.split(make_model(), {"0": plan})
+    with pytest.warns(UserWarning, match="not built from paramsplit's groups") as record:
+        train(model, torch.optim.AdamW(model.parameters(), lr=0.05), batches(1))
+    (message,) = [str(w.message) for w in record if "paramsplit" in str(w.message)]
+    assert says in message and not_says not in message
+    assert "'0.weight' as a whole tensor" in message and "paramsplit.param_groups(model)" in message
