@@ -14,7 +14,7 @@
 #       built) and the 48-weight `many` one; 8 s of timed rounds per table (whole rotations: about
 #       10 s for a 124M table at 35-50 ms a step). The JSON is rewritten after every table.
 #   (c) python benchmarks/phases.py --device cuda --models gpt124m,many
-#           --variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20
+#           --variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20 --profile rows,mask
 #       where the time goes: forward + backward, and the update's host and device time
 # Without one (or with PARAMSPLIT_GPU_CHECK_CPU=1), a quick mode that runs here too:
 #   python benchmarks/step.py --quick --json $OUT/step_cpu_quick.json
@@ -98,7 +98,7 @@ if [ "$MODE" = cuda ]; then
         --json "$OUT/step_cuda.json"
     stage "phases on cuda" "$(left)" \
         "$PY" benchmarks/phases.py --device cuda --models gpt124m,many \
-        --variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20
+        --variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20 --profile rows,mask
 else
     stage "step benchmark, quick, on cpu" "$(left)" \
         "$PY" benchmarks/step.py --quick --json "$OUT/step_cpu_quick.json" \

@@ -30,11 +30,15 @@ gives them and the load average before and after (other work on the machine skew
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
+import io
 import os
+import pstats
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -55,6 +59,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None, help="default: the table's first")
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="step.py's small tables")
+    ap.add_argument("--profile", default=None,
+                    help="comma-separated variants whose updates cProfile then profiles "
+                    "(20 updates each; the top 12 functions by own time)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default: 1 with --quick or in many, else torch's)")
     return ap.parse_args(argv)
@@ -112,8 +119,27 @@ def main(argv: list[str] | None = None) -> None:
             groups = len(runners[v].prepared.groups)
             print(f"{v:12} {groups:6d} {m['fwd+bwd']:8.3f} {m['update (host)']:13.3f} "
                   f"{m['update']:8.3f} {step:8.3f} {step / base:6.3f}")
+        for v in (args.profile.split(",") if args.profile else []):
+            _profile(runners[v], v, sync)
         del runners
         gc.collect()
+
+
+def _profile(runner: Any, variant: str, sync: Any) -> None:
+    """cProfile of 20 updates of ``runner`` (after its forward and backward, untimed)."""
+    profile = cProfile.Profile()
+    for _ in range(20):
+        runner.forward_backward()
+        sync()
+        profile.enable()
+        runner.update()
+        sync()
+        profile.disable()
+    out = io.StringIO()
+    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(12)
+    body = out.getvalue()
+    print(f"profile of 20 updates of {variant}:")
+    print(body[body.find("ncalls"):].rstrip())
 
 
 if __name__ == "__main__":

@@ -179,10 +179,12 @@ def test_phases_prints_every_variant(capsys):
 
 def test_phases_times_a_gpt124m_table_with_one_adamw_implementation(capsys):
     _load("phases").main(["--quick", "--rounds", "1", "--models", "gpt124m", "--adamw", "foreach",
-                          "--variants", "baseline,sparse_1"])
+                          "--variants", "baseline,sparse_1", "--profile", "sparse_1"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 4 and "AdamW(foreach=True)" in lines[0] and "bf16 autocast" in lines[0]
-    assert [r.split()[0] for r in lines[2:]] == ["baseline", "sparse_1"]
+    assert "AdamW(foreach=True)" in lines[0] and "bf16 autocast" in lines[0]
+    assert [r.split()[0] for r in lines[2:4]] == ["baseline", "sparse_1"]
+    assert lines[4] == "profile of 20 updates of sparse_1:" and lines[5].startswith("ncalls")
+    assert len(lines) == 6 + 12  # the top 12 functions by their own time
 
 
 def test_gpu_check_cpu_mode_writes_log_and_json(gpu_check):
@@ -419,7 +421,8 @@ def test_gpu_check_cuda_branch_dry(tmp_path):
     assert stages[1].endswith(" benchmarks/step.py --device cuda --models gpt124m,many --budget 8 "
                               f"--json {tmp_path / 'out' / 'step_cuda.json'}")
     assert stages[2].endswith(" benchmarks/phases.py --device cuda --models gpt124m,many "
-                              "--variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20")
+                              "--variants baseline,rows,cols,mask,decay,sparse_1 --rounds 20 "
+                              "--profile rows,mask")
     timeouts = [int(re.search(r"\(timeout (\d+) s\)", ln)[1]) for ln in stages]
     # 7 minutes in all, the phases' share kept from the benchmark's (the stubs take no time)
     assert timeouts[0] <= 180 and timeouts[1] <= 420 - 90 and 90 <= timeouts[2] <= 420
