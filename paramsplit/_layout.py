@@ -122,6 +122,12 @@ class _Rows(_Layout):
     """Blocks of dim 0: each part is a view of the weight (and its gradient a view of the
     weight's gradient), so nothing is ever copied."""
 
+    def __init__(self, target: _Target) -> None:
+        super().__init__(target)
+        ends = [b for _, b in self.bounds]
+        covers = [a for a, _ in self.bounds] == [0] + ends[:-1] and ends[-1:] == [self.shape[0]]
+        self._tiles = [b - a for a, b in self.bounds] if covers else None
+
     def pieces(self, full: Tensor) -> list[Tensor]:
         return [full[a:b] for a, b in self.bounds]
 
@@ -132,6 +138,8 @@ class _Rows(_Layout):
         return _where(weight) == self._at  # the parts are still views of the weight's memory
 
     def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
+        if self._tiles:  # the trained blocks cover dim 0: one call cuts them all
+            return list(torch.split_with_sizes(grad, self._tiles))
         return [grad[a:b] for a, b in self.bounds]
 
     def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:

@@ -248,8 +248,13 @@ class _Split:
         """The weight the model uses now. A weight replaced by one of the same shape (an
         ``assign=True`` load, ``to_empty``, pruning's reparametrisation) is taken over; one that
         cannot be raises, naming the parameter and the remedy."""
-        if self._links and all(d.get(k) is v for d, k, v in self._links):
-            return self.weight  # every module on the way to every name is still in place
+        links = self._links
+        if links:
+            for d, k, v in links:
+                if d.get(k) is not v:
+                    break
+            else:
+                return self.weight  # every module on the way to every name is still in place
         weight = self._find()
         self._links = _links(self.root(), self.names)
         return weight
