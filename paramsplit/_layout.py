@@ -233,7 +233,7 @@ class _Mask(_Layout):
 
     def pieces(self, full: Tensor) -> list[Tensor]:
         flat = full.reshape(-1)
-        return list(flat.index_select(0, self._perm(flat)).split(self.sizes))
+        return list(torch.split_with_sizes(flat.index_select(0, self._perm(flat)), self.sizes))
 
     def parts_from(self, weight: Tensor) -> list[Tensor]:
         pieces = super().parts_from(weight)
