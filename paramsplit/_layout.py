@@ -14,7 +14,8 @@ holds instead of it, one per trained region (FROZEN regions have none). A layout
 weight's gradient. ``cols`` and ``mask`` parts are dense copies (fused optimizer kernels mishandle
 strided views): one gather of values and of gradients before a step, one scatter after it. The
 ``cols`` copies of all weights stepped together go into one :class:`_Copies` and are made by one
-``torch._foreach_copy_``; ``mask`` gathers and scatters each weight with one indexing kernel.
+``torch._foreach_copy_`` (blocks of one width that follow each other: one strided copy per
+weight); ``mask`` gathers and scatters each weight with one indexing kernel.
 """
 
 from __future__ import annotations
