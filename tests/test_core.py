@@ -753,3 +753,27 @@ def test_mostly_frozen_masks_take_the_sparse_layout_and_train_like_the_mask_path
     state = sum(t.numel() for s in opts[0].state.values() for t in s.values() if t.dim() > 0)
     trained_elems = int(mask.sum()) + 40 + 40 * 3 + 3  # the trained elements and the rest
     assert state == 2 * trained_elems  # exp_avg and exp_avg_sq, for trained elements only
+
+
+@pytest.mark.parametrize("make", ["conv", "transposed"])
+def test_even_column_blocks_of_conv_and_strided_weights_train_as_the_unsplit_model(make):
+    """Column blocks of one width that follow each other are copied in one go, through a
+    (blocks, rows, width, ...) view: a 4-D conv weight and a weight stored transposed (not
+    contiguous) train bitwise as the unsplit model when the blocks' options equal the defaults."""
+    torch.manual_seed(0)
+    if make == "conv":
+        model, x = nn.Conv2d(6, 4, 3), torch.randn(2, 6, 8, 8)
+    else:
+        model, x = nn.Linear(6, 4), torch.randn(5, 6)
+        model.weight = nn.Parameter(torch.randn(6, 4).t())
+    ref = copy.deepcopy(model)
+    plan = cols({(0, 2): {"lr": 0.01}, (2, 4): {}, (4, 6): {"weight_decay": 0.01}})
+    _, groups = paramsplit.split(model, {"weight": plan}, per_element_decay=False)
+    assert paramsplit._sync._SPLITS[model.weight].layout._even == (0, 3, 2)
+    opt = torch.optim.AdamW(groups, lr=0.01, weight_decay=0.01, foreach=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.01, foreach=False)
+    for _ in range(3):
+        _step(model, opt, x)
+        _step(ref, ref_opt, x)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
