@@ -519,7 +519,8 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
         frozen = any(r.options is None for u in unsplit for r in u.regions)
         warnings.warn(
             f"paramsplit: this optimizer steps {', '.join(repr(u.name) for u in unsplit)} as "
-            f"{'a whole tensor' if len(unsplit) == 1 else 'whole tensors'}, ignoring the region options paramsplit.split was given for them"
+            f"{'a whole tensor' if len(unsplit) == 1 else 'whole tensors'}, ignoring the region "
+            f"options paramsplit.split was given for them"
             + (f" (for per-element weight_decay: outside a group named {DECAY_GROUP!r} with "
                f"weight_decay 0)" if decays else "")
             + (" and training their FROZEN elements" if frozen else "")
