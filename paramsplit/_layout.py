@@ -52,7 +52,9 @@ class _Layout:
 
     def __init__(self, target: _Target) -> None:
         self.shape = tuple(target.param.shape)
-        self.target = dataclasses.replace(target, param=torch.empty(self.shape, device="meta"))
+        # the plan without the weight, nor the element-wise region ids (a mask's perm holds them)
+        self.target = dataclasses.replace(target, param=torch.empty(self.shape, device="meta"),
+                                          region_ids=None)
         self.regions = target.regions
         self.trained = [i for i, r in enumerate(self.regions) if r.options is not None]
         self.digest = _digest(target)
@@ -67,7 +69,7 @@ class _Layout:
         per_row = 1
         for n in self.shape[1:]:
             per_row *= n
-        bounds, ids = t.bounds, t.region_ids
+        bounds, ids = t.bounds, self._region_ids()
         if ids is not None:
             ids = ids[start * per_row: stop * per_row]
             counts = torch.bincount(ids.long(), minlength=len(t.regions)).tolist()
@@ -82,6 +84,10 @@ class _Layout:
         regions = [dataclasses.replace(r, numel=n) for r, n in zip(t.regions, counts)]
         return type(self)(dataclasses.replace(t, param=torch.empty(shape, device="meta"),
                                               bounds=bounds, region_ids=ids, regions=regions))
+
+    def _region_ids(self) -> Tensor | None:
+        """Each element's region index, flattened (masks), or None (blocks)."""
+        return None
 
     def pieces(self, full: Tensor) -> list[Tensor]:
         """The trained regions' elements of ``full`` (the weight's shape), one dense tensor each
@@ -225,6 +231,19 @@ class _Mask(_Layout):
         self._on: dict[torch.device, Tensor] = {}
         self.sizes = [self.regions[i].numel for i in self.trained]
 
+
+    def _region_ids(self) -> Tensor:
+        """Rebuilt from ``perm``: not kept, it would cost a byte per element at rest. Elements
+        outside ``perm`` are in the one untrained (FROZEN) region, if any."""
+        numel = 1
+        for n in self.shape:
+            numel *= n
+        untrained = [i for i in range(len(self.regions)) if i not in self.trained]
+        dtype = torch.uint8 if len(self.regions) <= 255 else torch.int32
+        ids = torch.full((numel,), untrained[0] if untrained else 0, dtype=dtype)
+        ids[self.perm] = torch.repeat_interleave(torch.tensor(self.trained, dtype=dtype),
+                                                 torch.tensor(self.sizes))
+        return ids
 
     def _perm(self, like: Tensor) -> Tensor:
         perm = self._on.get(like.device)

@@ -777,3 +777,27 @@ def test_even_column_blocks_of_conv_and_strided_weights_train_as_the_unsplit_mod
         _step(ref, ref_opt, x)
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols", "even-cols", "regions", "bool-mask", "sparse"])
+def test_at_rest_a_split_holds_its_parts_and_for_masks_one_index_per_trained_element(kind):
+    """Memory at rest, counted by storage: beyond the weight, a split keeps the parts' values
+    (none for rows: views of the weight) and, for masks, one int64 position per trained
+    element; no element-wise region ids (0.2 kept none either)."""
+    model = _mlp()
+    _split(model, kind)
+    w = model[0].weight
+    split = paramsplit._sync._SPLITS[w]
+    seen, held = {w.untyped_storage().data_ptr()}, 0
+    objects = [vars(split), vars(split.layout), vars(split.layout.target)]
+    for value in (v for d in objects for v in d.values()):
+        for t in value if isinstance(value, (list, tuple)) else value.values() \
+                if isinstance(value, dict) else [value]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    held += t.untyped_storage().nbytes()
+    trained = sum(p.numel() for p in split.parts)
+    per_element = {"rows": 0, "cols": 4, "even-cols": 4}.get(kind, 4 + 8)  # fp32 (+ int64)
+    assert held == trained * per_element, (kind, held, trained)

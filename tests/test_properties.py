@@ -259,3 +259,25 @@ def test_decay_tensor_values_are_found_as_torch_unique_finds_them(few, many, dty
         want, want_ids = torch.unique(flat, return_inverse=True)
         got, ids = _distinct(flat)
         assert torch.equal(got, want) and torch.equal(ids, want_ids), values
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=60),
+       st.lists(st.sampled_from(["frozen", "a", "b", "c"]), min_size=6, max_size=6))
+def test_a_mask_layout_rebuilds_its_region_ids_from_its_permutation(ids, kinds):
+    """Mask layouts keep no element-wise region ids at rest (a byte per element); the ids FSDP2's
+    shards are cut from are rebuilt from the permutation, equal to the plan's."""
+    from paramsplit._layout import _layout
+    from paramsplit._spec import _resolve
+
+    options = {"frozen": FROZEN, "a": {"lr": 0.1}, "b": {"weight_decay": 0.2}, "c": {}}
+    model = nn.Linear(len(ids), 1)
+    mask = torch.tensor([ids])
+    (target,) = _resolve(model, {"weight": Regions(mask, {i: options[k]
+                                                          for i, k in enumerate(kinds)})})
+    if target.kind not in ("mask", "sparse"):
+        return  # one region (whole) or blocks: no ids
+    layout = _layout(target)
+    assert layout.target.region_ids is None
+    got = layout._region_ids()
+    assert got.dtype == target.region_ids.dtype and torch.equal(got, target.region_ids)
