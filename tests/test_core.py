@@ -801,3 +801,33 @@ def test_at_rest_a_split_holds_its_parts_and_for_masks_one_index_per_trained_ele
     trained = sum(p.numel() for p in split.parts)
     per_element = {"rows": 0, "cols": 4, "even-cols": 4}.get(kind, 4 + 8)  # fp32 (+ int64)
     assert held == trained * per_element, (kind, held, trained)
+
+
+def test_one_step_hands_over_weights_of_several_dtypes_and_layouts_together():
+    """The hand-over batches the copies of every weight an optimizer steps into one
+    ``torch._foreach_copy_`` each way, whatever their dtypes (it groups them itself): a bf16 and
+    an fp32 layer, cols and mask, train as the unsplit model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8).to(torch.bfloat16), nn.Linear(8, 6),
+                          nn.Linear(6, 4).to(torch.bfloat16))
+    ref = copy.deepcopy(model)
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    spec = {"0.weight": cols({(0, 6): {"lr": 0.01}, (6, None): {}}),
+            "1.weight": cols({(0, 3): {"lr": 0.01}, (3, 8): {}}),
+            "2.weight": Regions(mask, {True: {"lr": 0.01}, False: {}})}
+    _, groups = paramsplit.split(model, spec, per_element_decay=False)
+    opt = torch.optim.AdamW(groups, lr=0.01, foreach=False)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, foreach=False)
+
+    def step(m, o, x):
+        o.zero_grad()
+        h = m[0](x.to(torch.bfloat16)).float()
+        m[2](m[1](h).to(torch.bfloat16)).float().pow(2).mean().backward()
+        o.step()
+
+    for _ in range(3):
+        x = torch.randn(5, 12)
+        step(model, opt, x)
+        step(ref, ref_opt, x)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
