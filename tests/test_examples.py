@@ -17,6 +17,9 @@ PRINTS = {
                        "'per-element weight_decay': weight_decay=0.0", "  5-9 ",
                        "loads into a plain nn.Linear"],
     "sparse_finetune.py": ["optimizer state", "bitwise unchanged; trained elements moved: ok"],
+    "qkv_fused_projection.py": ["transformer.h.1.attn.c_attn.weight  cols 64:96",
+                                "q/k/v blocks train bitwise as three separate tensors: ok",
+                                "loads into a plain GPT-2"],
     "rigl.py": ["2 drop-and-grow updates", "elements never trained bitwise unchanged: ok",
                 "time in paramsplit.resplit:", "RigL  fixed mask"],
 }
