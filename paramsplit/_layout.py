@@ -127,7 +127,9 @@ class _Layout:
 
 class _Rows(_Layout):
     """Blocks of dim 0: each part is a view of the weight (and its gradient a view of the
-    weight's gradient), so nothing is ever copied."""
+    weight's gradient), so nothing is ever copied. A weight that is not contiguous (stored
+    transposed, say) would give strided views, which fused optimizer kernels step wrongly: its
+    blocks are copied in and out around a step instead, as ``cols`` blocks are."""
 
     def __init__(self, target: _Target) -> None:
         super().__init__(target)
@@ -141,16 +143,31 @@ class _Rows(_Layout):
     def write(self, full: Tensor, pieces: list[Tensor]) -> None:
         torch._foreach_copy_(self.pieces(full), pieces)
 
+    def parts_from(self, weight: Tensor) -> list[Tensor]:
+        views = super().parts_from(weight)
+        self._in = None if weight.is_contiguous() else views  # strided: parts are copies
+        return views if self._in is None else [_dense_like(v).copy_(v) for v in views]
+
     def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
-        return _where(weight) == self._at  # the parts are still views of the weight's memory
+        if _where(weight) != self._at:
+            return False
+        if self._in is not None:
+            copies.add(parts, self._in)
+        return True  # else the parts are views of the weight's memory
 
     def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
-        if self._tiles:  # the trained blocks cover dim 0: one call cuts them all
-            return list(torch.split_with_sizes(grad, self._tiles))
-        return [grad[a:b] for a, b in self.bounds]
+        if self._in is None and grad.is_contiguous():  # views of the gradient
+            if self._tiles:  # the trained blocks cover dim 0: one call cuts them all
+                return list(torch.split_with_sizes(grad, self._tiles))
+            return self.pieces(grad)
+        views = self.pieces(grad)
+        out = [_dense_like(v) for v in views]
+        copies.add(out, views)
+        return out
 
     def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
-        pass  # the parts are the weight's own memory
+        if self._in is not None:
+            copies.add(self._in, parts)  # else the parts are the weight's own memory
 
 
 class _Cols(_Layout):
@@ -197,13 +214,10 @@ class _Cols(_Layout):
         return True
 
     def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
-        if self._base is None:
-            out = [torch.empty_like(p) for p in parts]
-            copies.add(out, self._views(grad))
-            return out
-        base = torch.empty_like(self._base)
-        copies.add([base], [self._stacked(grad)])
-        return list(base.unbind(0))
+        views = self._views(grad) if self._base is None else [self._stacked(grad)]
+        out = [_dense_like(v) for v in views]  # the gradient's dtype: a copy must not cast
+        copies.add(out, views)
+        return out if self._base is None else list(out[0].unbind(0))
 
     def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
         copies.add(self._in, self._dense(parts))
@@ -285,6 +299,11 @@ class _Mask(_Layout):
             flat = full.flatten()
             flat.index_copy_(0, self._perm(full), values)
             full.copy_(flat.view(full.shape))
+
+
+def _dense_like(t: Tensor) -> Tensor:
+    """An uninitialised contiguous tensor of ``t``'s shape, dtype and device."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def _where(t: Tensor) -> tuple[object, ...]:

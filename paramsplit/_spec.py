@@ -447,17 +447,18 @@ def _plan_target(key: str, name: str, param: nn.Parameter, plan: Any,
                      f"paramsplit.FROZEN")
 
 
-def _distinct(flat: torch.Tensor, few: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+def _distinct(flat: torch.Tensor, few: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.unique(flat, return_inverse=True)`` for a floating tensor: with at most ``few``
     distinct values (a decay tensor usually holds two or three), one pass per value instead of a
-    sort of every element, about 3x faster."""
+    sort of every element (two values: about 3x faster); more values fall back to the sort.
+    -0.0 and 0.0 are one value, 0.0."""
     values, left = [], flat
     while left.numel() and len(values) < few:
         values.append(left.min())
         left = left[left > values[-1]]
     if left.numel():
         return torch.unique(flat, return_inverse=True)
-    found = torch.stack(values) if values else flat[:0]
+    found = torch.stack(values) + 0.0 if values else flat[:0]  # + 0.0: -0.0 becomes 0.0
     return found, torch.bucketize(flat, found)
 
 
@@ -468,23 +469,24 @@ def _blocks_target(key: str, name: str, param: nn.Parameter, plan: Blocks, why: 
         raise _fail(key, f"{which} needs a parameter with at least {plan.dim + 1} dims, "
                          f"got shape {tuple(param.shape)}")
     size = param.shape[plan.dim]
-    spans: list[tuple[int, int, dict[str, Any] | None]] = []
+    spans: list[tuple[int, int, dict[str, Any] | None, Any]] = []
     for span, value in plan.blocks.items():
-        if (not isinstance(span, tuple) or len(span) != 2 or not isinstance(span[0], int)
-                or not (span[1] is None or isinstance(span[1], int))):
+        if (not isinstance(span, tuple) or len(span) != 2
+                or not all(b is None or (isinstance(b, int) and not isinstance(b, bool))
+                           for b in span) or span[0] is None):
             raise _fail(key, f"{which} keys must be (start, stop) tuples of ints, got {span!r}")
         start, stop = span[0], size if span[1] is None else span[1]
         start, stop = start + size if start < 0 else start, stop + size if stop < 0 else stop
         if not 0 <= start < stop <= size:
             raise _fail(key, f"{which} block {span!r} is out of range or empty for size {size}")
-        spans.append((start, stop, _options(key, value, f"{which} block {span!r}", why)))
+        spans.append((start, stop, _options(key, value, f"{which} block {span!r}", why), span))
     spans.sort(key=lambda s: s[0])
-    for (a0, a1, _), (b0, b1, _) in zip(spans, spans[1:]):
+    for (_, a1, _, a), (b0, _, _, b) in zip(spans, spans[1:]):
         if b0 < a1:
-            raise _fail(key, f"{which} blocks ({a0}, {a1}) and ({b0}, {b1}) overlap")
+            raise _fail(key, f"{which} blocks {a!r} and {b!r} overlap (size {size})")
     full: list[tuple[int, int, dict[str, Any] | None]] = []
     at = 0
-    for start, stop, opts in spans + [(size, size, {})]:
+    for start, stop, opts, _ in spans + [(size, size, {}, None)]:
         if at < start:
             full.append((at, start, {}))
         if start < stop:
@@ -605,7 +607,8 @@ def _targets(model: nn.Module, spec: Spec, max_regions: int) -> list[_Target]:
             names = list(dict(model.named_parameters()))
             hint = (f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else
                     f"; the model's parameters are {', '.join(repr(n) for n in names[:6])}"
-                    f"{f' ... ({len(names)} in all)' if len(names) > 6 else ''}")
+                    f"{f' ... ({len(names)} in all)' if len(names) > 6 else ''}" if names else
+                    "; the model has no parameters")
             raise _fail(key, f"no parameter or module with this name{hint}")
         for p in dict.fromkeys(params):  # dedupe by identity, keep order
             if id(p) in chosen:

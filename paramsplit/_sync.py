@@ -337,6 +337,14 @@ class _Split:
             p.grad = g
         weight.grad = None  # the optimizer steps the parts, not the weight
 
+    def undo(self) -> None:
+        """Undo :meth:`before_step` (a step refused after it): the weight gets its gradient
+        back. Its values were not touched; the parts take them again at the next step."""
+        if self._stash is not None:
+            self.weight.grad, self._stash = self._stash, None
+        for p in self.parts:
+            p.grad = None
+
     def after_step(self, copies: _Copies) -> None:
         """The weight takes the parts' values (by ``copies``) and its gradient back (under
         ``no_grad``)."""
@@ -366,17 +374,23 @@ class _Decaying:
         self.split, self.optimizer, self.group, self.form = split, optimizer, group, form
         self._saved: Tensor | None = None
 
+    def check(self) -> None:
+        """Raise now, before any weight of the step is decayed, if this one cannot be."""
+        weight = self.split.current()
+        self.split.check_shape(weight)
+        if _is_wrapper(weight) and weight.grad is not None:
+            raise RuntimeError(f"paramsplit: per-element weight_decay of {self.split.name!r} "
+                               f"does not support {type(weight).__name__} parameters; "
+                               f"split with per_element_decay=False")
+
     def before_step(self, copies: _Copies) -> None:
+        """Decay the weight (``pre``), its gradient (``coupled``), or save it (``post``); only
+        after :meth:`check` passed for every decaying weight of the step."""
         split = self.split
         assert split.decay is not None
-        weight = split.current()
-        split.check_shape(weight)
-        if _is_wrapper(weight) or weight.grad is None:
-            if weight.grad is not None:
-                raise RuntimeError(f"paramsplit: per-element weight_decay of {split.name!r} "
-                                   f"does not support {type(weight).__name__} parameters; "
-                                   f"split with per_element_decay=False")
-            self._saved = None
+        weight = split.weight
+        self._saved = None
+        if weight.grad is None:
             return
         decays = split.decay.values(self.optimizer.defaults.get("weight_decay", 0.0))
         if self.form == "pre":
@@ -389,6 +403,12 @@ class _Decaying:
             weight.grad = grad
         else:
             self._saved = weight.detach().clone()
+
+    def undo(self) -> None:
+        """Undo :meth:`before_step` where it can be undone (a step refused after it)."""
+        saved, self._saved = self._saved, None
+        if self.form == "coupled" and saved is not None:
+            self.split.weight.grad = saved
 
     def after_step(self, copies: _Copies) -> None:
         split, saved, self._saved = self.split, self._saved, None
@@ -520,10 +540,11 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
         warnings.warn(
             f"paramsplit: this optimizer steps {', '.join(repr(u.name) for u in unsplit)} as "
             f"{'a whole tensor' if len(unsplit) == 1 else 'whole tensors'}, ignoring the region "
-            f"options paramsplit.split was given for them"
+            f"options paramsplit.split was given for {'it' if len(unsplit) == 1 else 'them'}"
             + (f" (for per-element weight_decay: outside a group named {DECAY_GROUP!r} with "
                f"weight_decay 0)" if decays else "")
-            + (" and training their FROZEN elements" if frozen else "")
+            + (f" and training {'its' if len(unsplit) == 1 else 'their'} FROZEN elements"
+               if frozen else "")
             + ": it was not built from paramsplit's groups. Build it as "
             "`torch.optim.AdamW(groups, ...)` with the groups paramsplit.split returned (or "
             "paramsplit.param_groups(model)).",
@@ -543,17 +564,27 @@ _STEPPING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
 def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
+    """Before a step: every check first, then the parts take values and gradients (their copies
+    made together), then the per-element decay, which alone changes weights. A refusal on the
+    way undoes what was done: every weight keeps its values and its gradient."""
+    splits = [s for s in steppers if isinstance(s, _Split)]
+    decaying = [s for s in steppers if not isinstance(s, _Split)]
     copies, done = _Copies(), []
     with torch.no_grad():
         try:
-            for stepper in steppers:
+            for split in splits:
+                split.before_step(copies)
+                done.append(split)
+            for stepper in decaying:
+                stepper.check()
+            copies.run()
+            for stepper in decaying:
                 stepper.before_step(copies)
                 done.append(stepper)
-        except BaseException:  # leave every weight as it was: values and gradients in place
-            copies.run()
-            _after(done)
+        except BaseException:
+            for stepper in reversed(done):
+                stepper.undo()
             raise
-        copies.run()
     _STEPPING.add(optimizer)
 
 
@@ -565,10 +596,17 @@ def _hand_back(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
 
 
 def _after(steppers: list[Any]) -> None:
-    copies = _Copies()
+    """After a step: every weight takes its parts' values (the copies made together) and its
+    gradient back; one that fails does not keep the others from it (the error is raised after)."""
+    copies, error = _Copies(), None
     for stepper in steppers:
-        stepper.after_step(copies)
+        try:
+            stepper.after_step(copies)
+        except BaseException as e:  # noqa: PERF203
+            error = error or e
     copies.run()
+    if error is not None:
+        raise error
 
 
 def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:

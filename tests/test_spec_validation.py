@@ -305,3 +305,17 @@ def test_negative_block_bounds_count_from_the_end_as_in_slicing(make, dim):
     message = _split_fails(model, {"0.weight": make({(-size - 1, None): FROZEN})},
                            r"out of range or empty")
     assert f"({-size - 1}, None)" in message and f"size {size}" in message
+
+
+def test_block_bounds_are_ints_not_bools_and_overlaps_name_the_keys_given():
+    model = nn.Sequential(nn.Linear(8, 5))
+    for bad in ({(False, -1): FROZEN}, {(0, True): FROZEN}, {(None, 3): FROZEN}):
+        _split_fails(model, {"0.weight": cols(bad)}, r"cols keys must be \(start, stop\) tuples")
+    message = _split_fails(model, {"0.weight": cols({(4, 8): FROZEN, (-4, None): {}})},
+                           r"overlap")
+    assert "(4, 8)" in message and "(-4, None)" in message and "size 8" in message
+
+
+def test_a_key_on_a_model_without_parameters_says_so():
+    _split_fails(nn.Sequential(nn.ReLU()), {"zzz": FROZEN},
+                 r"no parameter or module with this name; the model has no parameters$")

@@ -368,7 +368,7 @@ def test_a_step_refused_for_one_weight_leaves_every_weight_as_it_was(kind, repla
 
 
 @pytest.mark.parametrize("plan, says, not_says", [
-    (ps.rows({(0, 3): ps.FROZEN, (3, None): {"lr": 0.01}}), "training their FROZEN elements",
+    (ps.rows({(0, 3): ps.FROZEN, (3, None): {"lr": 0.01}}), "training its FROZEN elements",
      "per-element weight_decay"),
     (ps.Regions(torch.arange(108).reshape(9, 12) % 2, {0: {"weight_decay": 0.1}, 1: {}}),
      "for per-element weight_decay: outside a group named 'per-element weight_decay'", "FROZEN"),
@@ -380,3 +380,140 @@ def test_the_not_built_from_the_groups_warning_names_what_is_ignored(plan, says,
     (message,) = [str(w.message) for w in record if "paramsplit" in str(w.message)]
     assert says in message and not_says not in message
     assert "'0.weight' as a whole tensor" in message and "paramsplit.param_groups(model)" in message
+
+
+# -- refusals and failures around a step leave every weight as it was (an adversarial review) ---
+
+def _two_layers():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+
+
+def _state(model):
+    return {n: (p.detach().clone(), None if p.grad is None else p.grad.clone())
+            for n, p in model.named_parameters()}
+
+
+def _assert_state(model, before):
+    for n, p in model.named_parameters():
+        value, grad = before[n]
+        assert torch.equal(p.detach().to(value.dtype), value), n
+        assert (p.grad is None) == (grad is None) and (grad is None or torch.equal(p.grad, grad)), n
+
+
+@pytest.mark.parametrize("plan", ["decay", "cols"])
+def test_a_step_refused_after_a_decay_weight_leaves_it_undecayed(plan):
+    """Per-element decay changes a weight before the step (decoupled decay): it runs only once
+    every weight of the step passed its checks, so a refusal leaves it as it was."""
+    model = _two_layers()
+    later = (torch.where(torch.rand(4, 5) < .5, 0.0, 0.5) if plan == "decay" else
+             ps.cols({(0, 2): {"lr": 0.1}, (2, None): {}}))
+    _, groups = ps.split(model, {"0.weight": torch.where(torch.rand(5, 6) < .5, 0.0, 0.5),
+                                 "1.weight": later})
+    opt = torch.optim.AdamW(groups, lr=0.1)
+    model(torch.randn(2, 6)).sum().backward()
+    before, kept = _state(model), model[1].weight
+    model[1].weight = nn.Parameter(torch.randn(4, 7))
+    with pytest.raises(RuntimeError, match="paramsplit: parameter '1.weight' was replaced"):
+        opt.step()
+    model[1].weight = kept
+    _assert_state(model, before)
+    assert not opt.state
+
+
+def test_a_failing_copy_before_the_step_leaves_every_gradient_in_place(monkeypatch):
+    """The copies of all weights are made together after every check; if they fail (an
+    interrupt), the weights keep their gradients and the parts hold none, and the step can be
+    taken again."""
+    model, ref = _two_layers(), _two_layers()
+    spec = {"0.weight": ps.cols({(0, 3): {"lr": .1}, (3, 6): {"lr": .2}}),
+            "1.weight": ps.cols({(0, 1): {"lr": .1}, (1, 5): {"lr": .2}})}
+    _, groups = ps.split(model, spec)
+    _, ref_groups = ps.split(ref, spec)
+    opt, ref_opt = torch.optim.SGD(groups, lr=0.1), torch.optim.SGD(ref_groups, lr=0.1)
+    x = torch.randn(2, 6)
+    for m in (model, ref):
+        m(x).sum().backward()
+    before = _state(model)
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: (_ for _ in ()).throw(
+        KeyboardInterrupt("a copy interrupted")))
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    monkeypatch.setattr(torch, "_foreach_copy_", real)
+    _assert_state(model, before)
+    assert all(p.grad is None for s in map(ps._sync._SPLITS.get, (model[0].weight, model[1].weight))
+               for p in s.parts)
+    opt.step()
+    ref_opt.step()
+    assert_equal_models(model, ref)
+
+
+def test_a_weight_failing_after_the_step_does_not_keep_the_others_from_their_values(monkeypatch):
+    """After the step every weight takes its parts' values, even when one of them fails to take
+    its gradient back; the error is raised after."""
+    model = _two_layers()
+    spec = {"0.weight": ps.cols({(0, 3): {"lr": .1}, (3, 6): {"lr": .2}}),
+            "1.weight": ps.cols({(0, 1): {"lr": .1}, (1, 5): {"lr": .2}})}
+    _, groups = ps.split(model, spec)
+    opt = torch.optim.SGD(groups, lr=0.1)
+    model(torch.randn(2, 6)).sum().backward()
+    first = ps._sync._SPLITS[model[0].weight]
+    real = type(first).after_step
+
+    def failing(self, copies):
+        real(self, copies)
+        if self is first:
+            raise RuntimeError("a failure after the step")
+
+    monkeypatch.setattr(type(first), "after_step", failing)
+    w0, w1 = model[0].weight.detach().clone(), model[1].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="a failure after the step"):
+        opt.step()
+    assert not torch.equal(model[0].weight, w0) and not torch.equal(model[1].weight, w1)
+    for split in (first, ps._sync._SPLITS[model[1].weight]):
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in split.parts]),
+                           torch.cat([split.layout.pieces(split.weight.detach())[i].reshape(-1)
+                                      for i in range(len(split.parts))]))
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+def test_block_gradients_keep_their_dtype(kind):
+    """A bf16 weight whose gradient is float32 (``Tensor.grad_dtype``): the parts' gradients are
+    cut from it without a cast, so torch refuses them as it refuses any float32 gradient for a
+    bf16 tensor, before anything changes; never a step on rounded gradients."""
+    model = _two_layers().to(torch.bfloat16)
+    for p in model.parameters():
+        p.grad_dtype = torch.float32
+    plan = (ps.rows({(0, 2): {}, (2, None): {"lr": 0.2}}) if kind == "rows" else
+            ps.cols({(0, 3): {}, (3, None): {"lr": 0.2}}))
+    _, groups = ps.split(model, {"0.weight": plan}, per_element_decay=False)
+    opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+    model(torch.randn(2, 6).to(torch.bfloat16)).float().sum().backward()
+    assert model[0].weight.grad.dtype == torch.float32
+    before = _state(model)
+    with pytest.raises(RuntimeError, match="dtype"):
+        opt.step()
+    _assert_state(model, before)
+    assert not opt.state
+
+
+def test_rows_of_a_weight_stored_transposed_step_rightly_with_fused_adamw():
+    """Row blocks of a non-contiguous weight would be strided views, which fused kernels step
+    wrongly: they are copied in and out around the step instead."""
+    torch.manual_seed(0)
+    ref = nn.Linear(6, 5)
+    ref.weight = nn.Parameter(torch.randn(6, 5).t())
+    model = copy.deepcopy(ref)
+    _, groups = ps.split(model, {"weight": ps.rows({(0, 2): {}, (2, None): {}})},
+                         per_element_decay=False)
+    assert all(p.is_contiguous() for p in ps._sync._SPLITS[model.weight].parts)
+    opt = torch.optim.AdamW(groups, lr=0.01, fused=True)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, fused=True)
+    for _ in range(3):
+        x = torch.randn(4, 6)
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            m(x).pow(2).sum().backward()
+            o.step()
+    torch.testing.assert_close(model.weight, ref.weight, rtol=0, atol=1e-6)
