@@ -251,7 +251,7 @@ def test_blocks_that_are_all_frozen(plan):
                                                                           torch.bfloat16]))
 def test_decay_tensor_values_are_found_as_torch_unique_finds_them(few, many, dtype):
     """A decay tensor's distinct values and each element's index among them, found by one pass
-    per value (up to 8) or by a sort: the same as ``torch.unique(..., return_inverse=True)``."""
+    per value (up to 4) or by a sort: the same as ``torch.unique(..., return_inverse=True)``."""
     from paramsplit._spec import _distinct
 
     for values in (few, few + many):
