@@ -125,83 +125,35 @@ class _Layout:
         return out
 
 
-class _Rows(_Layout):
-    """Blocks of dim 0: each part is a view of the weight (and its gradient a view of the
-    weight's gradient), so nothing is ever copied. A weight that is not contiguous (stored
-    transposed, say) would give strided views, which fused optimizer kernels step wrongly: its
-    blocks are copied in and out around a step instead, as ``cols`` blocks are."""
-
-    def __init__(self, target: _Target) -> None:
-        super().__init__(target)
-        ends = [b for _, b in self.bounds]
-        covers = [a for a, _ in self.bounds] == [0] + ends[:-1] and ends[-1:] == [self.shape[0]]
-        self._tiles = [b - a for a, b in self.bounds] if covers else None
-
-    def pieces(self, full: Tensor) -> list[Tensor]:
-        return [full[a:b] for a, b in self.bounds]
-
-    def write(self, full: Tensor, pieces: list[Tensor]) -> None:
-        torch._foreach_copy_(self.pieces(full), pieces)
-
-    def parts_from(self, weight: Tensor) -> list[Tensor]:
-        views = super().parts_from(weight)
-        self._in = None if weight.is_contiguous() else views  # strided: parts are copies
-        return views if self._in is None else [_dense_like(v).copy_(v) for v in views]
-
-    def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
-        if _where(weight) != self._at:
-            return False
-        if self._in is not None:
-            copies.add(parts, self._in)
-        return True  # else the parts are views of the weight's memory
-
-    def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
-        if self._in is None and grad.is_contiguous():  # views of the gradient
-            if self._tiles:  # the trained blocks cover dim 0: one call cuts them all
-                return list(torch.split_with_sizes(grad, self._tiles))
-            return self.pieces(grad)
-        views = self.pieces(grad)
-        out = [_dense_like(v) for v in views]
-        copies.add(out, views)
-        return out
-
-    def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
-        if self._in is not None:
-            copies.add(self._in, parts)  # else the parts are the weight's own memory
-
-
-class _Cols(_Layout):
-    """Blocks of dim 1: each part is a dense copy of a block of columns. Trained blocks of one
-    width that follow each other (a fused projection's q / k / v, the two halves of a layer)
-    are copied by one strided copy each way, their parts being slices of one base tensor."""
-
-    def __init__(self, target: _Target) -> None:
-        super().__init__(target)
-        widths = {b - a for a, b in self.bounds}
-        follow = all(b == a2 for (_, b), (a2, _) in zip(self.bounds, self.bounds[1:]))
-        self._even = (self.bounds[0][0], len(self.bounds), widths.pop()) \
-            if len(widths) == 1 and follow else None
+class _Blocks(_Layout):
+    """Blocks along one dim, each part a dense copy of a trained block: the weight's values and
+    gradient are copied in before a step and the values out after it. ``_in`` holds what the
+    copies read and write in the weight (its blocks, while it stays put); ``_base`` the one
+    tensor the parts are slices of, when all trained blocks are copied as one view
+    (:meth:`_stacked`)."""
 
     def _views(self, full: Tensor) -> list[Tensor]:
-        return [full.narrow(1, a, b - a) for a, b in self.bounds]
+        """The trained blocks of ``full``, as views."""
+        raise NotImplementedError
 
-    def _stacked(self, full: Tensor) -> Tensor:
-        """The trained blocks as one view of ``full``: (blocks, rows, width, ...)."""
-        assert self._even is not None
-        a, k, w = self._even
-        return full.narrow(1, a, k * w).unflatten(1, (k, w)).movedim(1, 0)
+    def _stacked(self, full: Tensor) -> Tensor | None:
+        """All trained blocks of ``full`` as one view (blocks, ...), where their layout allows."""
+        return None
 
     def pieces(self, full: Tensor) -> list[Tensor]:
         return [v.contiguous() for v in self._views(full)]
 
+    def write(self, full: Tensor, pieces: list[Tensor]) -> None:
+        torch._foreach_copy_(self._views(full), pieces)
+
     def parts_from(self, weight: Tensor) -> list[Tensor]:
         w = weight.detach()
-        if self._even is None:
-            self._in, self._base = self._views(w), None  # the weight's blocks, while it stays put
+        stacked = self._stacked(w)
+        if stacked is None:
+            self._in, self._base = self._views(w), None
             return super().parts_from(weight)
         self._at = _where(weight)
-        self._in = [self._stacked(w)]
-        self._base = self._in[0].contiguous()  # the parts are its slices
+        self._in, self._base = [stacked], stacked.contiguous()
         return list(self._base.unbind(0))
 
     def _dense(self, parts: list[Tensor]) -> list[Tensor]:
@@ -222,8 +174,65 @@ class _Cols(_Layout):
     def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
         copies.add(self._in, self._dense(parts))
 
-    def write(self, full: Tensor, pieces: list[Tensor]) -> None:
-        torch._foreach_copy_(self._views(full), pieces)
+
+class _Rows(_Blocks):
+    """Blocks of dim 0: each part is a view of the weight (and its gradient a view of the
+    weight's gradient), so nothing is ever copied. A weight that is not contiguous (stored
+    transposed, say) would give strided views, which fused optimizer kernels step wrongly: its
+    blocks are copied in and out around a step instead, as ``cols`` blocks are."""
+
+    def __init__(self, target: _Target) -> None:
+        super().__init__(target)
+        ends = [b for _, b in self.bounds]
+        covers = [a for a, _ in self.bounds] == [0] + ends[:-1] and ends[-1:] == [self.shape[0]]
+        self._tiles = [b - a for a, b in self.bounds] if covers else None
+
+    def _views(self, full: Tensor) -> list[Tensor]:
+        return [full[a:b] for a, b in self.bounds]
+
+    def parts_from(self, weight: Tensor) -> list[Tensor]:
+        parts = super().parts_from(weight)  # views of a contiguous weight (contiguous() keeps)
+        if weight.is_contiguous():
+            self._in = None
+        return parts
+
+    def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
+        if self._in is None:  # the parts are views of the weight's memory
+            return _where(weight) == self._at
+        return super().load(weight, parts, copies)
+
+    def grads(self, grad: Tensor, parts: list[Tensor], copies: _Copies) -> list[Tensor]:
+        if self._in is None and grad.is_contiguous():  # views of the gradient
+            if self._tiles:  # the trained blocks cover dim 0: one call cuts them all
+                return list(torch.split_with_sizes(grad, self._tiles))
+            return self._views(grad)
+        return super().grads(grad, parts, copies)
+
+    def store(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> None:
+        if self._in is not None:  # else the parts are the weight's own memory
+            super().store(weight, parts, copies)
+
+
+class _Cols(_Blocks):
+    """Blocks of dim 1: each part is a dense copy of a block of columns. Trained blocks of one
+    width that follow each other (a fused projection's q / k / v, the two halves of a layer)
+    are copied by one strided copy each way, their parts being slices of one base tensor."""
+
+    def __init__(self, target: _Target) -> None:
+        super().__init__(target)
+        widths = {b - a for a, b in self.bounds}
+        follow = all(b == a2 for (_, b), (a2, _) in zip(self.bounds, self.bounds[1:]))
+        self._even = (self.bounds[0][0], len(self.bounds), widths.pop()) \
+            if len(widths) == 1 and follow else None
+
+    def _views(self, full: Tensor) -> list[Tensor]:
+        return [full.narrow(1, a, b - a) for a, b in self.bounds]
+
+    def _stacked(self, full: Tensor) -> Tensor | None:
+        if self._even is None:
+            return None
+        a, k, w = self._even
+        return full.narrow(1, a, k * w).unflatten(1, (k, w)).movedim(1, 0)
 
 
 class _Mask(_Layout):
@@ -244,7 +253,6 @@ class _Mask(_Layout):
         # self.perm is on the CPU; per device in _on
         self._on: dict[torch.device, Tensor] = {}
         self.sizes = [self.regions[i].numel for i in self.trained]
-
 
     def _region_ids(self) -> Tensor:
         """Rebuilt from ``perm``: not kept, it would cost a byte per element at rest. Elements
