@@ -297,8 +297,10 @@ class _Split:
         planned = self.layout or self.decay
         return planned.shape if planned is not None else tuple(self.weight.shape)
 
-    def check_shape(self, weight: Tensor) -> None:
-        """Raise if ``weight`` no longer has the shape its regions were planned for."""
+    def checked(self) -> Tensor:
+        """The weight the model uses now (:meth:`current`); raises if it no longer has the
+        shape its regions were planned for."""
+        weight = self.current()
         if tuple(weight.shape) != self._shape():
             raise RuntimeError(
                 f"paramsplit: parameter {self.name!r} has shape {tuple(weight.shape)} now, "
@@ -306,6 +308,7 @@ class _Split:
                 f"engine such as FSDP1 or DeepSpeed, which paramsplit does not support), so its "
                 f"regions no longer fit. Split the model again (paramsplit.split(model, spec)) "
                 f"and build a new optimizer from the groups it returns.")
+        return weight
 
     def _rebind(self, new: nn.Parameter) -> None:
         old = self.weight
@@ -321,8 +324,7 @@ class _Split:
     def before_step(self, copies: _Copies) -> None:
         """Parts take the weight's values and their share of its gradient, which the optimizer
         then does not see (called under ``torch.no_grad()``; copies deferred to ``copies``)."""
-        weight = self.current()
-        self.check_shape(weight)
+        weight = self.checked()
         plain = not _is_wrapper(weight)
         local, layout = (weight, self.layout) if plain else self._local(weight)
         if layout is not self._active or not layout.load(local, self.parts, copies):
@@ -376,8 +378,7 @@ class _Decaying:
 
     def check(self) -> None:
         """Raise now, before any weight of the step is decayed, if this one cannot be."""
-        weight = self.split.current()
-        self.split.check_shape(weight)
+        weight = self.split.checked()
         if _is_wrapper(weight) and weight.grad is not None:
             raise RuntimeError(f"paramsplit: per-element weight_decay of {self.split.name!r} "
                                f"does not support {type(weight).__name__} parameters; "
