@@ -89,6 +89,15 @@ def _loss(model, x, y):
     return nn.functional.mse_loss(model(x), y)
 
 
+def _grad_at(ref, p, x, y):
+    """The gradient of the loss at weight ``p`` (the hand-written optimizers' input), from the
+    unsplit ``ref``."""
+    ref[0].weight.data.copy_(p)
+    ref.zero_grad()
+    _loss(ref, x, y).backward()
+    return ref[0].weight.grad
+
+
 class PerElement:
     """The oracle (see the module docstring): ``make([copy], v)`` once per value ``v`` of ``wd``,
     combined by mask after each step."""
@@ -234,10 +243,7 @@ def test_pre_hand_written_adamw_float64():
         opt.zero_grad()
         _loss(model, x, y).backward()
         opt.step()
-        ref[0].weight.data.copy_(p)
-        ref.zero_grad()
-        _loss(ref, x, y).backward()
-        g = ref[0].weight.grad
+        g = _grad_at(ref, p, x, y)
         p = p * (1 - lr * wd)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
@@ -260,10 +266,7 @@ def test_pre_hand_written_lion_float64():
         opt.zero_grad()
         _loss(model, x, y).backward()
         opt.step()
-        ref[0].weight.data.copy_(p)
-        ref.zero_grad()
-        _loss(ref, x, y).backward()
-        g = ref[0].weight.grad
+        g = _grad_at(ref, p, x, y)
         p = p * (1 - lr * wd) - lr * torch.sign(b1 * m + (1 - b1) * g)
         m = b2 * m + (1 - b2) * g
         torch.testing.assert_close(model[0].weight.detach(), p, rtol=1e-12, atol=1e-14)
@@ -314,10 +317,7 @@ def test_coupled_hand_written_sgd_momentum_float64():
     for _ in range(4):
         opt.zero_grad()
         _loss(model, x, y).backward()
-        ref[0].weight.data.copy_(p)
-        ref.zero_grad()
-        _loss(ref, x, y).backward()
-        g, raw = ref[0].weight.grad, model[0].weight.grad.clone()
+        g, raw = _grad_at(ref, p, x, y), model[0].weight.grad.clone()
         opt.step()
         assert torch.equal(model[0].weight.grad, raw)  # the raw gradient, not g + wd p
         d = g + wd * p
