@@ -610,8 +610,39 @@ def _after(steppers: list[Any]) -> None:
         raise error
 
 
-def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-    if torch.compiler.is_compiling():
+#: optimizer -> the ids of its own step hooks that hand over (kept last among its pre hooks)
+#: and back (kept first among its post hooks)
+_OWN: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """The global pre hook, run before any hook of the optimizer's own. For an optimizer that
+    holds parts, it places paramsplit's hand-over last among the optimizer's own pre hooks and
+    its hand-back first among its post hooks, so that every other hook sees the weights as the
+    model has them (a pre hook clipping ``weight.grad``, a post hook averaging weights for an
+    EMA). torch offers no order for these hooks: this reorders the optimizer's two hook dicts,
+    the one private structure paramsplit touches besides the foreach types above
+    (tests/test_tools.py pins it)."""
+    if torch.compiler.is_compiling() or not _splits_of(optimizer):
+        return
+    pre, post = optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks
+    ids = _OWN.get(optimizer)
+    if ids is None or ids[0] not in pre or ids[1] not in post:
+        ids = (optimizer.register_step_pre_hook(_hand_over_hook).id,
+               optimizer.register_step_post_hook(_hand_back_hook).id)
+        _OWN[optimizer] = ids
+    if next(reversed(pre)) != ids[0]:
+        pre[ids[0]] = pre.pop(ids[0])
+    if next(iter(post)) != ids[1]:
+        first, rest = post.pop(ids[1]), list(post.items())
+        post.clear()
+        post[ids[1]] = first
+        post.update(rest)
+
+
+def _hand_over_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
+    if torch.compiler.is_compiling() or optimizer in _STEPPING:  # (a copied optimizer's copy)
         return None
     steppers = _splits_of(optimizer)
     if not steppers:
@@ -631,11 +662,11 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
     return args[:1], {**kwargs, "closure": evaluate}
 
 
-def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def _hand_back_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     if not torch.compiler.is_compiling():
         cached = _CACHE.get(optimizer)
         _hand_back(optimizer, cached[1] if cached is not None else [])
 
 
 register_optimizer_step_pre_hook(_pre_step)
-register_optimizer_step_post_hook(_post_step)
+register_optimizer_step_post_hook(_hand_back_hook)  # in case the optimizer's own one was removed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import importlib
 
 import pytest
 import torch
@@ -155,15 +156,20 @@ def test_random_splits_are_exact(case, dtype):
     # (checked against the plan alone); after it, the weight is SGD's per-element update
     seen = {}
 
-    def inside(opt, args, kwargs):
+    def inside():
         seen["weight_grad"] = w.grad
         seen["parts"] = [(p.detach().clone(), None if p.grad is None else p.grad.clone())
                          for p in parts]
 
     opt = torch.optim.SGD(groups, lr=LR, weight_decay=WD, foreach=False)
-    opt.register_step_pre_hook(inside)  # runs after paramsplit's global pre-hook
     before = w.detach().clone()
-    opt.step()
+    sgd_module = importlib.import_module("torch.optim.sgd")
+    sgd = sgd_module.sgd  # SGD.step's update, run after every hook before the step
+    sgd_module.sgd = lambda *a, **k: (seen or inside(), sgd(*a, **k))[1]  # 1st group
+    try:
+        opt.step()
+    finally:
+        sgd_module.sgd = sgd
     flat_w, flat_x = before.reshape(-1), x.reshape(-1)
     if decay:  # SGD decays through the gradient: the step sees g + wd * w, per element
         coupled = flat_x.clone()

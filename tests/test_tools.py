@@ -517,3 +517,52 @@ def test_rows_of_a_weight_stored_transposed_step_rightly_with_fused_adamw():
             m(x).pow(2).sum().backward()
             o.step()
     torch.testing.assert_close(model.weight, ref.weight, rtol=0, atol=1e-6)
+
+
+# -- hooks of the optimizer's own see the weights as the model has them --------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_optimizer_step_hooks_see_the_model_s_weights_and_gradients(kind):
+    """An EMA updated from the optimizer's own post-step hook (ema_pytorch's
+    ``add_to_optimizer_post_step_hook``, code written that way) and gradient clipping in its own
+    pre-step hook: paramsplit hands over after every pre hook of the optimizer's and back before
+    every post hook, so both see the weights and gradients the model has; bitwise the unsplit
+    run with the same hooks, whichever was registered first."""
+    model, opt, ref, ref_opt, fix = pair(kind)
+    emas = []
+    for m, o in ((model, opt), (ref, ref_opt)):
+        ema = [p.detach().clone() for p in m.parameters()]
+        emas.append(ema)
+        o.register_step_pre_hook(
+            lambda o, a, k, m=m: [torch.nn.utils.clip_grad_norm_(m.parameters(), 0.05)] and None)
+
+        def update(o, a, k, m=m, ema=ema):
+            with torch.no_grad():
+                for e, p in zip(ema, m.parameters()):
+                    e.lerp_(p, 0.5)
+
+        o.register_step_post_hook(update)
+    for xy in batches(3):
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            loss_fn(m, xy).backward()
+            o.step()
+        fix()
+        assert_equal_models(model, ref)
+        for e, r in zip(*emas):
+            assert torch.equal(e, r)
+
+
+def test_the_optimizer_s_own_hook_dicts_are_where_paramsplit_orders_them():
+    """Pins the private structure paramsplit reorders: an optimizer's own step hooks live in
+    ``_optimizer_step_pre_hooks`` / ``_optimizer_step_post_hooks``, ordered dicts keyed by the
+    handles' ids, run in order."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    calls = []
+    handles = [opt.register_step_pre_hook(lambda o, a, k, i=i: calls.append(i)) for i in (1, 2)]
+    pre = opt._optimizer_step_pre_hooks
+    assert list(pre) == [h.id for h in handles]
+    pre[handles[0].id] = pre.pop(handles[0].id)
+    opt.step()
+    assert calls == [2, 1]
+    assert isinstance(opt._optimizer_step_post_hooks, dict)
