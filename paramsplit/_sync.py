@@ -92,7 +92,7 @@ class _Part(nn.Parameter):
 # torch's optimizers take their multi-tensor (foreach) path by default (on CUDA) only for tensors
 # whose type is in this list, and fall back to a for-loop over the tensors for any other type:
 # per part and op, a kernel launch. A part steps as a Parameter; torch.distributed.tensor
-# registers DTensor the same way. The one private name paramsplit touches
+# registers DTensor the same way. One of the two private torch structures paramsplit touches
 # (tests/test_optimizers.py pins it).
 if _Part not in _optimizer._foreach_supported_types:
     _optimizer._foreach_supported_types.append(_Part)

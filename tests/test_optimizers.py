@@ -388,7 +388,7 @@ def test_zz_table(capsys):
 
 def test_default_optimizers_step_parts_with_their_multi_tensor_kernels(monkeypatch):
     """torch's optimizers take their foreach path by default (on CUDA) only for the tensor types
-    in ``torch.optim.optimizer._foreach_supported_types`` (the one private name paramsplit
+    in ``torch.optim.optimizer._foreach_supported_types`` (a private name paramsplit
     touches: it registers its part type there, as torch registers DTensor) and fall back to a
     for-loop with a kernel launch per part and op otherwise. Here the CPU is made a foreach
     device so a default AdamW shows which implementation it picks for a split weight's group."""
