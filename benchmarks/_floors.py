@@ -16,10 +16,12 @@ torch calls into buffers allocated once (the least a copying layout could do):
   column views of the weight) and a copy of their gradient (from the column views of ``W.grad``);
   after the step, a copy of the values back into the weight's columns.
 * ``mask_floor``: the unsplit step + ``index_select`` of the values, ``index_select`` of the
-  gradient and ``scatter_`` back, per weight and step, over the flat weight, with the int64
-  permutation that sorts the elements by the ``mask`` variant's random 50% mask (stable: the
-  order a mask split of that mask keeps its trained elements in; both regions are trained, so all
-  elements). ``sparse`` is the same mechanism over fewer elements (no floor of its own: the
+  gradient and an ``index_select`` back through the inverse permutation, per weight and step,
+  over the flat weight, with the int32 permutation that sorts the elements by the ``mask``
+  variant's random 50% mask (stable: the order a mask split of that mask keeps its trained
+  elements in) and its inverse. Both regions are trained, so the permutation covers every
+  element, and a gather through its inverse writes the values back (several times cheaper than
+  a ``scatter_`` on the CPU). ``sparse`` is the same mechanism over fewer elements (no floor of its own: the
   sparse and many tables set it against full fine-tuning).
 
 What a split does beyond its floor is what it is judged on: the extra param groups (AdamW loops
@@ -31,7 +33,7 @@ copied in the same order around the same optimizer step, and the cost of forward
 AdamW does not depend on the values. The buffers live from the build on: peak memory holds them as
 it holds a split's parts and its parts' gradients during the step. So a floor's peak memory is the
 unsplit model's plus persistent buffers for the parts' values and their gradients (``mask_floor``:
-and the int64 permutation), the least a copying layout needs; the gpt124m tables measure cols and
+and the two int32 permutations), the least a copying layout needs; the gpt124m tables measure cols and
 mask against it (``_report.GPT124M_MEM_TARGETS``).
 
 Each maker returns ``(before_step, after_step)``, called after ``backward`` and after
@@ -80,8 +82,11 @@ def mask_floor(model: nn.Module, names: list[str], device: torch.device,
                masks: dict[str, Tensor]) -> Hooks:
     """``masks``: name -> the bool mask (CPU) whose sorting permutation is gathered."""
     params = _targets(model, names)
-    perms = [torch.argsort(masks[n].reshape(-1).to(torch.uint8), stable=True).to(device)
+    perms = [torch.argsort(masks[n].reshape(-1).to(torch.uint8), stable=True).int()
              for n in names]
+    invs = [torch.empty_like(p).index_copy_(0, p.long(), torch.arange(len(p), dtype=p.dtype))
+            .to(device) for p in perms]
+    perms = [p.to(device) for p in perms]
     with torch.no_grad():
         flats = [p.detach().view(-1) for p in params]
     values = [torch.empty_like(f) for f in flats]
@@ -95,7 +100,7 @@ def mask_floor(model: nn.Module, names: list[str], device: torch.device,
 
     def after_step() -> None:
         with torch.no_grad():
-            for f, perm, v in zip(flats, perms, values):
-                f.scatter_(0, perm, v)
+            for f, inv, v in zip(flats, invs, values):
+                torch.index_select(v, 0, inv, out=f)
 
     return before_step, after_step

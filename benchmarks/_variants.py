@@ -392,7 +392,8 @@ _ALL = (
     Variant("forum", "cols_floor", "paramsplit.Regions, mask[:, :in/2] = 1 (the forum's mask)",
             forum),
     Variant("mask_floor", None, "unsplit + index_select of the values, index_select of the "
-            "gradient, scatter_ back, sorting by the mask", _floor(mask_floor)),
+            "gradient, index_select back by the inverse permutation, sorting by the mask",
+            _floor(mask_floor)),
     Variant("mask", "mask_floor", "paramsplit.Regions: a random 50% mask", mask),
     Variant("decay", "baseline", "per-element weight_decay, a tensor of decays on the random 50% "
             "mask: the weight kept whole, decayed by paramsplit's step hook (the decay layout)",

@@ -53,9 +53,9 @@ Variants (``_variants``, ``_floors``):
                    ``mask[:, :512] = 1`` as ``paramsplit.Regions`` with two weight-decay options;
                    its regions are two column blocks, so its floor is ``cols_floor``.
 * ``mask_floor``   the unsplit step + ``index_select`` of the values, ``index_select`` of the
-                   gradient (before ``AdamW.step``) and ``scatter_`` of the values back (after
-                   it), with the int64 permutation that sorts the elements by the ``mask``
-                   variant's random 50% mask.
+                   gradient (before ``AdamW.step``) and an ``index_select`` of the values back
+                   through the inverse permutation (after it), with the int32 permutation that
+                   sorts the elements by the ``mask`` variant's random 50% mask.
 * ``mask``         ``paramsplit.Regions``, a random 50% mask; floor: ``mask_floor``.
 * ``penalty``      the forum answer: masked L2 penalty on the loss (not exact AdamW decay).
 * ``hooks``        gradient hooks zeroing the frozen half of each gradient.
@@ -94,7 +94,7 @@ fine-tuning), ``rows``, ``cols_floor``, ``cols``, ``mask_floor``, ``mask`` (rand
 ``hooks``: every ratio over the unsplit step, and ``cols`` / ``mask`` also over their floors
 (``x floor``, ``mem x floor``: reported, not judged). The floors' memory is the unsplit model's
 plus persistent buffers for the parts' values and their gradients (weight-sized for cols and for
-a 50% mask with both regions trained; ``mask_floor`` also the int64 permutation): the memory a
+a 50% mask with both regions trained; ``mask_floor`` also the int32 permutation and its inverse): the memory a
 copying layout cannot avoid, against which cols and mask are measured.
 
 Targets: each split (rows, cols, forum, mask) within 1.10x of its floor's step time, and its

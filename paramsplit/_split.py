@@ -109,7 +109,7 @@ def describe(model: nn.Module) -> str:
     """A readable table of every planned parameter: its regions, elements, options and layout.
 
     ``layout`` is ``rows`` (the parts are views of the weight: no copy), ``cols`` (column blocks:
-    copied in and out once per step), ``mask`` or ``sparse`` (a gather and a scatter of the
+    copied in and out once per step), ``mask`` or ``sparse`` (a gather and a write-back of the
     trained elements once per step; ``sparse`` when FROZEN holds most elements), or ``whole``
     (not split, only given its own group).
 

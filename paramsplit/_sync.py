@@ -9,7 +9,7 @@ find it (the optimizer holds the weight too). Two global optimizer-step hooks do
 * before a step: check the weight is still the model's (else rebind or raise), bring its values
   into the parts (``cols``/``mask``: a gather; ``rows`` parts are views of it), give the parts
   their share of ``weight.grad``, and hide ``weight.grad`` from the optimizer for the step;
-* after a step: write the parts back into the weight (``cols``/``mask``: a scatter), give the
+* after a step: write the parts back into the weight (``cols``/``mask``: a copy back), give the
   weight its gradient back, and drop the parts' gradients.
 
 Weights with per-element weight decay (``_decay``) are decayed around the step instead. With

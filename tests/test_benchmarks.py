@@ -448,6 +448,7 @@ def test_floors_copy_values_and_gradient_in_and_values_back():
             assert torch.equal(got_v, w.detach()) and torch.equal(got_g, w.grad)
         else:
             perm = torch.argsort(mask.reshape(-1).to(torch.uint8), stable=True)
+            assert torch.equal(_cell(after, "invs")[0][perm], torch.arange(24).int())
             assert torch.equal(_cell(before, "values")[0], w.detach().reshape(-1)[perm])
             assert torch.equal(_cell(before, "grads")[0], w.grad.reshape(-1)[perm])
         saved = w.detach().clone()

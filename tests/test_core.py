@@ -782,8 +782,9 @@ def test_even_column_blocks_of_conv_and_strided_weights_train_as_the_unsplit_mod
 @pytest.mark.parametrize("kind", ["rows", "cols", "even-cols", "regions", "bool-mask", "sparse"])
 def test_at_rest_a_split_holds_its_parts_and_for_masks_one_index_per_trained_element(kind):
     """Memory at rest, counted by storage: beyond the weight, a split keeps the parts' values
-    (none for rows: views of the weight) and, for masks, one int64 position per trained
-    element; no element-wise region ids (0.2 kept none either)."""
+    (none for rows: views of the weight) and, for masks, 8 bytes of index per trained element
+    (an int64 position; or, for a mask that covers every element, an int32 position and its
+    inverse); no element-wise region ids (0.2 kept none either)."""
     model = _mlp()
     _split(model, kind)
     w = model[0].weight
@@ -799,7 +800,7 @@ def test_at_rest_a_split_holds_its_parts_and_for_masks_one_index_per_trained_ele
                     seen.add(ptr)
                     held += t.untyped_storage().nbytes()
     trained = sum(p.numel() for p in split.parts)
-    per_element = {"rows": 0, "cols": 4, "even-cols": 4}.get(kind, 4 + 8)  # fp32 (+ int64)
+    per_element = {"rows": 0, "cols": 4, "even-cols": 4}.get(kind, 4 + 8)  # fp32 (+ indices)
     assert held == trained * per_element, (kind, held, trained)
 
 

@@ -287,3 +287,41 @@ def test_a_mask_layout_rebuilds_its_region_ids_from_its_permutation(ids, kinds):
     assert layout.target.region_ids is None
     got = layout._region_ids()
     assert got.dtype == target.region_ids.dtype and torch.equal(got, target.region_ids)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=60), st.booleans(), st.booleans(),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float64]))
+def test_a_mask_layout_writes_back_exactly_what_its_parts_hold(ids, frozen, transposed, dtype):
+    """A mask's parts go back into the weight by a gather through the inverse permutation when
+    they cover every element (int32 indices), else by a scatter: either way every trained element
+    takes its part's value, bit for bit, and every FROZEN element keeps the weight's."""
+    from paramsplit._layout import _Copies, _layout
+    from paramsplit._spec import _resolve
+
+    n = len(ids)
+    weight = torch.randn(n, 2, dtype=dtype).t() if transposed else torch.randn(2, n, dtype=dtype)
+    model = nn.Linear(n, 2, dtype=dtype)
+    model.weight = nn.Parameter(weight)
+    mask = torch.tensor([ids, ids[::-1]])
+    options = {i: ({"lr": 0.1 * (i + 1)} if i or not frozen else FROZEN) for i in range(4)}
+    (target,) = _resolve(model, {"weight": Regions(mask, options)})
+    if target.kind not in ("mask", "sparse"):
+        return
+    layout = _layout(target)
+    covers = not frozen or 0 not in ids
+    assert (layout.inv is not None) == covers
+    assert layout.perm.dtype == (torch.int32 if covers else torch.int64)
+    parts = layout.parts_from(model.weight)
+    with torch.no_grad():
+        model.weight.mul_(3)  # the parts take the weight's values again at load
+        assert layout.load(model.weight, parts, _Copies())
+        before = model.weight.detach().clone()
+        for k, p in enumerate(parts):
+            p.copy_(torch.arange(p.numel(), dtype=dtype) + 100 * k)
+        layout.store(model.weight, parts, _Copies())
+    want = before.reshape(-1).clone()
+    want[layout.perm.long()] = torch.cat([p.reshape(-1) for p in parts])
+    assert torch.equal(model.weight.detach().reshape(-1), want)
+    assert torch.equal(layout.full(parts).reshape(-1)[layout.perm.long()],
+                       torch.cat([p.reshape(-1) for p in parts]))
