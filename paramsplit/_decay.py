@@ -38,8 +38,16 @@ _SWITCHED = {"Adam", "NAdam", "RAdam"}  # decoupled when the group says decouple
 
 def _form(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str | None:
     """How ``optimizer`` decays the parameters of ``group``: ``pre``, ``coupled``, ``post``, or
-    ``None`` when paramsplit does not know."""
-    cls = type(optimizer)
+    ``None`` when paramsplit does not know. A subclass decays as the optimizer it derives from
+    (the first of its bases listed here)."""
+    for cls in type(optimizer).__mro__:
+        form = _form_of(cls, group)
+        if form is not None:
+            return form
+    return None
+
+
+def _form_of(cls: type, group: dict[str, Any]) -> str | None:
     module, name = cls.__module__, cls.__name__
     if module.startswith("torch.optim"):
         if name in _SWITCHED and group.get("decoupled_weight_decay", False):
@@ -66,7 +74,8 @@ def _scale(optimizer: torch.optim.Optimizer) -> float:
 
 def _lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], weight: Tensor) -> float:
     """The learning rate ``optimizer`` decayed ``weight`` with in the step that just ran."""
-    if type(optimizer).__module__.startswith("transformers"):  # relative, scaled steps
+    if any(c.__module__.startswith("transformers") and c.__name__ == "Adafactor"
+           for c in type(optimizer).__mro__):  # relative, scaled steps
         return float(type(optimizer)._get_lr(group, optimizer.state[weight]))
     return float(group["lr"])
 

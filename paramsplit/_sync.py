@@ -10,15 +10,18 @@ find it (the optimizer holds the weight too). Two global optimizer-step hooks do
   into the parts (``cols``/``mask``: a gather; ``rows`` parts are views of it), give the parts
   their share of ``weight.grad``, and hide ``weight.grad`` from the optimizer for the step;
 * after a step: write the parts back into the weight (``cols``/``mask``: a copy back), give the
-  weight its gradient back, and drop the parts' gradients.
+  weight its gradient back (as the step left the parts' gradients), and drop the parts'.
 
 Weights with per-element weight decay (``_decay``) are decayed around the step instead. With
-``step(closure)`` the hand-over happens after each evaluation of the closure. Optimizers that
-hold neither pay a check of their groups' identities per step.
+``step(closure)`` the weights are handed back before each evaluation of the closure and over
+again after it. A wrapper that steps the optimizer it wraps (Lookahead, SAM) holds the weights
+for both steps. A step that raised is abandoned at the next one. Optimizers that hold neither
+pay a check of their groups' identities per step.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from typing import Any
@@ -134,6 +137,9 @@ class _Registry:
         if self.get(weight) is not None:
             del self._by_id[id(weight)]
 
+    def __len__(self) -> int:
+        return len(self._by_id)
+
 
 _SPLITS = _Registry()
 
@@ -174,6 +180,8 @@ class _Split:
         self.weight: Tensor = target.param
         self.parts: list[nn.Parameter] = []
         self._stash: Tensor | None = None
+        self._given: list[tuple[Tensor, int]] = []  # the parts' gradients and their versions
+        self.held = False  # handed over to the parts by a step under way (see _hand_over)
         self._links: list[tuple[dict[str, Any], str, Any]] = []  # see current()
         if self.layout is not None:
             self._make_parts(target.param)
@@ -337,13 +345,18 @@ class _Split:
         grads = self._active.grads(grad if plain else grad.to_local(), self.parts, copies)
         for p, g in zip(self.parts, grads):
             p.grad = g
+        self._given = [(g, g._version) for g in grads]
         weight.grad = None  # the optimizer steps the parts, not the weight
 
-    def undo(self) -> None:
-        """Undo :meth:`before_step` (a step refused after it): the weight gets its gradient
-        back. Its values were not touched; the parts take them again at the next step."""
-        if self._stash is not None:
-            self.weight.grad, self._stash = self._stash, None
+    def abandon(self) -> None:
+        """Undo :meth:`before_step` for a step that did not finish (refused during the hand-over,
+        or raised inside the optimizer): the weight gets its gradient back unless it was cleared
+        or given a new one since (``zero_grad``, a backward). Its values stay as the model has
+        them (``rows`` parts are its memory); the parts take them again at the next step."""
+        stash, self._stash = self._stash, None
+        if stash is not None and self.weight.grad is None and any(
+                p.grad is not None for p in self.parts):
+            self.weight.grad = stash
         for p in self.parts:
             p.grad = None
 
@@ -354,9 +367,24 @@ class _Split:
         self._active.store(weight.to_local() if _is_wrapper(weight) else weight, self.parts,
                            copies)
         if self._stash is not None:
-            weight.grad, self._stash = self._stash, None
+            weight.grad, self._stash = self._grad_after(), None
             for p in self.parts:
                 p.grad = None
+
+    def _grad_after(self) -> Tensor | None:
+        """The weight's gradient after a step: the one it had, unless the step changed the
+        parts' (a wrapper's ``zero_grad`` before its closure, a gradient transform in place):
+        then theirs, or None if they were all set to None."""
+        stash, now = self._stash, [p.grad for p in self.parts]
+        assert stash is not None
+        if all(n is g and n._version == v for n, (g, v) in zip(now, self._given)):
+            return stash
+        if all(n is None for n in now):
+            return None
+        self._active.write(stash.to_local() if _is_wrapper(stash) else stash,
+                           [torch.zeros_like(g) if n is None else n
+                            for n, (g, _) in zip(now, self._given)])
+        return stash
 
 
 class _Decaying:
@@ -375,6 +403,7 @@ class _Decaying:
                 f"per_element_decay=False) to give the regions parts of their own instead.")
         self.split, self.optimizer, self.group, self.form = split, optimizer, group, form
         self._saved: Tensor | None = None
+        self._given: Tensor | None = None  # the gradient the step sees (``coupled``)
 
     def check(self) -> None:
         """Raise now, before any weight of the step is decayed, if this one cannot be."""
@@ -399,21 +428,23 @@ class _Decaying:
             split.decay.scale_(weight, [1 - lr * (d / by if by != 1.0 else d) for d in decays])
         elif self.form == "coupled":
             self._saved = weight.grad
-            grad = weight.grad.clone()
+            grad = self._given = weight.grad.clone()
             split.decay.add_scaled_(grad, weight, decays)
             weight.grad = grad
         else:
             self._saved = weight.detach().clone()
 
-    def undo(self) -> None:
-        """Undo :meth:`before_step` where it can be undone (a step refused after it)."""
-        saved, self._saved = self._saved, None
-        if self.form == "coupled" and saved is not None:
+    def abandon(self) -> None:
+        """Undo :meth:`before_step` where it can be undone, for a step that did not finish: the
+        weight gets its own gradient back while it still holds the decayed one."""
+        saved, given, self._saved, self._given = self._saved, self._given, None, None
+        if self.form == "coupled" and saved is not None and self.split.weight.grad is given:
             self.split.weight.grad = saved
 
     def after_step(self, copies: _Copies) -> None:
         split, saved, self._saved = self.split, self._saved, None
         assert split.decay is not None
+        self._given = None
         if saved is None:
             return
         weight = split.weight
@@ -463,8 +494,12 @@ _CACHE: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[Any, list[Any]]] 
     weakref.WeakKeyDictionary()
 
 
-def _signature(optimizer: torch.optim.Optimizer) -> tuple[tuple[int, int, int], ...]:
-    return tuple((id(g), id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+def _signature(optimizer: torch.optim.Optimizer) -> tuple[tuple[Any, ...], ...]:
+    """What :func:`_splits_of` depends on: the groups, their tensors, and the ``weight_decay`` of
+    the per-element decay groups (a weight-decay schedule that sets it steps the weight whole)."""
+    return tuple((id(g), id(g["params"]), len(g["params"]),
+                  g.get("weight_decay") if g.get("name") == DECAY_GROUP else None)
+                 for g in optimizer.param_groups)
 
 
 def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
@@ -514,7 +549,8 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
             s = _SPLITS.get(p)
             if (s is not None and s.decay is not None and g.get("name") == DECAY_GROUP
                     and g.get("weight_decay", 0.0) == 0.0):
-                steppers.append(_Decaying(s, optimizer, g))
+                if _form(optimizer, g) is not None or _wrapped(optimizer, g) is None:
+                    steppers.append(_Decaying(s, optimizer, g))  # (else the wrapped one decays)
             elif s is not None and s.decay is not None and p.requires_grad:
                 unsplit.append(s)  # its group decays it as a whole
             elif s is not None and s.parts and id(s) not in splits and p.requires_grad:
@@ -554,20 +590,41 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
     return steppers
 
 
+def _wrapped(optimizer: torch.optim.Optimizer,
+             group: dict[str, Any]) -> torch.optim.Optimizer | None:
+    """The optimizer ``optimizer`` wraps and delegates the steps of ``group`` to (Lookahead, SAM,
+    OrthoGrad: an attribute that is an optimizer holding the same group), or None."""
+    for value in vars(optimizer).values():
+        if isinstance(value, torch.optim.Optimizer) and value is not optimizer and any(
+                g is group for g in value.param_groups):
+            return value
+    return None
+
+
 #: optimizers (by class name) whose update of a tensor depends on statistics of the whole tensor
 _PER_TENSOR = {"Adafactor", "Muon", "LAMB", "Lamb", "LARS", "Lars", "Shampoo", "SOAP",
                "AdamW8bit", "Adam8bit", "PagedAdamW8bit", "PagedAdam8bit", "AdamW4bit",
                "AdamWFp8", "Lion8bit", "PagedLion8bit", "SGD8bit"}
 
 
-#: optimizers whose steps are under way with the parts holding the weights' values and gradients
-_STEPPING: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+#: optimizer -> the steppers its step under way has handed over (parts holding the weights'
+#: values and gradients) and the frame of that step (torch's hook-running wrapper of
+#: ``step``; None under torch.compile), until it hands them back
+_STEPPING: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[list[Any], Any]] = \
+    weakref.WeakKeyDictionary()
 
 
-def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
+def _split_of(stepper: Any) -> _Split:
+    return stepper if isinstance(stepper, _Split) else stepper.split
+
+
+def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any], frame: Any) -> None:
     """Before a step: every check first, then the parts take values and gradients (their copies
     made together), then the per-element decay, which alone changes weights. A refusal on the
-    way undoes what was done: every weight keeps its values and its gradient."""
+    way undoes what was done: every weight keeps its values and its gradient. Weights a step
+    under way holds already (a wrapper such as Lookahead stepping the optimizer it wraps) are
+    left to it."""
+    steppers = [s for s in steppers if not _split_of(s).held]
     splits = [s for s in steppers if isinstance(s, _Split)]
     decaying = [s for s in steppers if not isinstance(s, _Split)]
     copies, done = _Copies(), []
@@ -584,16 +641,39 @@ def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
                 done.append(stepper)
         except BaseException:
             for stepper in reversed(done):
-                stepper.undo()
+                stepper.abandon()
             raise
-    _STEPPING.add(optimizer)
+    for stepper in steppers:
+        _split_of(stepper).held = True
+    _STEPPING[optimizer] = (steppers, frame)
 
 
-def _hand_back(optimizer: torch.optim.Optimizer, steppers: list[Any]) -> None:
-    if optimizer in _STEPPING:
-        _STEPPING.discard(optimizer)
+def _hand_back(optimizer: torch.optim.Optimizer) -> None:
+    """After a step: what :func:`_hand_over` gave the parts goes back to the weights."""
+    steppers = _STEPPING.pop(optimizer, ([], None))[0]
+    if steppers:
+        for stepper in steppers:
+            _split_of(stepper).held = False
         with torch.no_grad():
             _after(steppers)
+
+
+def _abandon(optimizer: torch.optim.Optimizer) -> None:
+    """A step of ``optimizer`` raised after the hand-over, so its hand-back never ran: give the
+    weights their gradients back (unless replaced since) and let the next step start afresh."""
+    for stepper in _STEPPING.pop(optimizer, ([], None))[0]:
+        _split_of(stepper).held = False
+        stepper.abandon()
+
+
+def _running(frame: Any) -> bool:
+    """Whether ``frame`` is on the current call stack (its step has not returned or raised)."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 def _after(steppers: list[Any]) -> None:
@@ -617,14 +697,38 @@ _OWN: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int]] = \
 
 
 def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """The global pre hook, run before any hook of the optimizer's own. For an optimizer that
+    """The global pre hook (see :func:`_place`)."""
+    if not torch.compiler.is_compiling():
+        _place(optimizer)
+    elif _SPLITS:
+        _eagerly(_place)(optimizer)
+
+
+def _post_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """The global post hook: the hand-back, in case the optimizer's own one was removed."""
+    if not torch.compiler.is_compiling():
+        _back(optimizer, sys._getframe(1))
+    elif _SPLITS:
+        _eagerly(_back)(optimizer, None)
+
+
+def _eagerly(fn: Any) -> Any:
+    """``fn``, run as a graph break under ``torch.compile(optimizer.step)``: the hooks do their
+    work eagerly there too. While no model is split they do nothing, so a compiled step of an
+    optimizer stays one graph. (Called only while compiling: ``torch.compiler.disable`` loads
+    torch._dynamo, which importing paramsplit does not.)"""
+    return torch.compiler.disable(fn)
+
+
+def _place(optimizer: torch.optim.Optimizer) -> None:
+    """Run before any hook of the optimizer's own, at each of its steps. For an optimizer that
     holds parts, it places paramsplit's hand-over last among the optimizer's own pre hooks and
     its hand-back first among its post hooks, so that every other hook sees the weights as the
     model has them (a pre hook clipping ``weight.grad``, a post hook averaging weights for an
     EMA). torch offers no order for these hooks: this reorders the optimizer's two hook dicts,
     the one private structure paramsplit touches besides the foreach types above
     (tests/test_tools.py pins it)."""
-    if torch.compiler.is_compiling() or not _splits_of(optimizer):
+    if not _splits_of(optimizer):
         return
     pre, post = optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks
     ids = _OWN.get(optimizer)
@@ -642,31 +746,55 @@ def _pre_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
 
 
 def _hand_over_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
-    if torch.compiler.is_compiling() or optimizer in _STEPPING:  # (a copied optimizer's copy)
-        return None
+    if torch.compiler.is_compiling():
+        return _eagerly(_over)(optimizer, args, kwargs, None)
+    return _over(optimizer, args, kwargs, sys._getframe(1))
+
+
+def _over(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any, frame: Any) -> Any:
+    """The hand-over at a step whose hook-running frame is ``frame``. An optimizer still handed
+    over is in a step that is still running (a subclass's ``step`` calling ``super().step()``,
+    each with its hooks; a copied optimizer's second copy of this hook), which keeps the weights;
+    or its step raised, and is abandoned now."""
+    held = _STEPPING.get(optimizer)
+    if held is not None:
+        if held[1] is None or _running(held[1]):
+            return None
+        _abandon(optimizer)
     steppers = _splits_of(optimizer)
     if not steppers:
         return None
     closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
     if closure is None:
-        _hand_over(optimizer, steppers)
+        _hand_over(optimizer, steppers, frame)
         return None
+    # with a closure the parts take the gradient already there (SAM perturbs the weights by it
+    # before its closure runs); the per-element decay waits for the evaluation
+    _hand_over(optimizer, [s for s in steppers if isinstance(s, _Split)], frame)
 
     def evaluate() -> Any:  # each evaluation sees the weights the parts hold, then hands over
-        _hand_back(optimizer, steppers)
+        _hand_back(optimizer)
         with torch.enable_grad():
             loss = closure()
-        _hand_over(optimizer, steppers)
+        _hand_over(optimizer, steppers, frame)
         return loss
 
     return args[:1], {**kwargs, "closure": evaluate}
 
 
 def _hand_back_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    if not torch.compiler.is_compiling():
-        cached = _CACHE.get(optimizer)
-        _hand_back(optimizer, cached[1] if cached is not None else [])
+    if torch.compiler.is_compiling():
+        _eagerly(_back)(optimizer, None)
+    else:
+        _back(optimizer, sys._getframe(1))
+
+
+def _back(optimizer: torch.optim.Optimizer, frame: Any) -> None:
+    """The hand-back at the end of the step (frame) that handed over, not of one nested in it."""
+    held = _STEPPING.get(optimizer)
+    if held is not None and (held[1] is None or held[1] is frame):
+        _hand_back(optimizer)
 
 
 register_optimizer_step_pre_hook(_pre_step)
-register_optimizer_step_post_hook(_hand_back_hook)  # in case the optimizer's own one was removed
+register_optimizer_step_post_hook(_post_step)

@@ -1,0 +1,247 @@
+"""Steps that are not one plain ``optimizer.step()``: a wrapper stepping the optimizer it wraps
+(Lookahead, SAM), a step that raised, a compiled step, a weight-decay schedule. Each against
+the unsplit model stepped the same way, on every layout (regions with equal options)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import paramsplit
+from test_core import EQUAL_LAYOUTS, _equal_options_plan, _mlp, _split_equal
+
+
+def _pair(layout, seed=4):
+    """(split model, its groups, the unsplit copy, the FROZEN mask of 0.weight)."""
+    model = _mlp(seed=seed)
+    ref = copy.deepcopy(model)
+    plan = _equal_options_plan(layout)
+    split_model, groups = _split_equal(model, {"0.weight": plan}, layout)
+    frozen = ~plan.mask if layout == "sparse" else torch.zeros(9, 12, dtype=torch.bool)
+    return split_model, groups, ref, frozen
+
+
+def _loss(model, x):
+    return model(x).pow(2).mean()
+
+
+def _assert_same(model, ref):
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
+def test_lookahead_steps_the_optimizer_it_wraps_over_the_parts(layout):
+    """pytorch_optimizer's Lookahead steps the AdamW it wraps inside its own step: the weights
+    stay handed over for both (the inner step took the gradients away before, and trained
+    nothing), and the per-element decay is left to the AdamW."""
+    po = pytest.importorskip("pytorch_optimizer")
+    model, groups, ref, frozen = _pair(layout)
+    opt = po.Lookahead(torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05), k=2)
+    ref_opt = po.Lookahead(torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05), k=2)
+    before = model[0].weight.detach().clone()
+    for _ in range(5):
+        x = torch.randn(8, 12)
+        kept = ref[0].weight.detach()[frozen].clone()
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _loss(m, x).backward()
+            o.step()
+        with torch.no_grad():
+            ref[0].weight[frozen] = kept
+    assert not torch.equal(model[0].weight, before)
+    _assert_same(model, ref)
+
+
+@pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
+def test_sam_with_a_closure_perturbs_the_model_and_steps_from_there(layout):
+    """SAM's ``step(closure)`` perturbs the weights by the gradient already there, zeroes it,
+    runs the closure on the perturbed model, restores the weights and steps the optimizer it
+    wraps. The weights are handed over before the closure (so the perturbation and the
+    zero_grad reach the model), back for it, and over again after it. Equal to the unsplit
+    model up to the order SAM sums its global gradient norm in. (SAM perturbs the tensors it
+    holds: FROZEN elements are not among them, so with ``sparse`` the unsplit model, which
+    perturbs them, is no oracle; there they stay put.)"""
+    po = pytest.importorskip("pytorch_optimizer")
+    model, groups, ref, frozen = _pair(layout)
+    opt = po.SAM(groups, base_optimizer=torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.05)
+    ref_opt = po.SAM(ref.parameters(), base_optimizer=torch.optim.AdamW, rho=0.05, lr=1e-2,
+                     weight_decay=0.05)
+    before = model[0].weight.detach().clone()
+    for _ in range(4):
+        x = torch.randn(8, 12)
+        kept = ref[0].weight.detach()[frozen].clone()
+        for m, o in ((model, opt), (ref, ref_opt)):
+            _loss(m, x).backward()
+            o.step(lambda m=m: _loss(m, x).backward())
+            o.zero_grad()
+        with torch.no_grad():
+            ref[0].weight[frozen] = kept
+    assert torch.equal(model[0].weight[frozen], before[frozen])
+    assert not torch.equal(model[0].weight, before)
+    if layout != "sparse":
+        for p, q in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+class _FailsOnce(torch.optim.AdamW):
+    """AdamW whose third step raises before updating anything (as an out-of-memory would)."""
+
+    calls = 0
+
+    def step(self, closure=None):
+        type(self).calls += 1
+        if type(self).calls == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("recovery", ["zero_grad", "retry"])
+@pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
+def test_a_step_that_raised_is_abandoned_at_the_next(layout, recovery):
+    """A step that raises inside the optimizer never reaches the hand-back. The next step
+    abandons it: the weight gets its gradient back unless it was cleared since, and is stepped
+    by its regions again (it was stepped whole, FROZEN elements included). Recovered by
+    skipping the batch (``zero_grad``) or by stepping again."""
+    model, groups, ref, frozen = _pair(layout)
+
+    class Split(_FailsOnce):
+        pass
+
+    class Ref(_FailsOnce):
+        pass
+
+    opt, ref_opt = Split(groups, lr=1e-2, weight_decay=0.05), Ref(ref.parameters(), lr=1e-2,
+                                                                   weight_decay=0.05)
+    for _ in range(5):
+        x = torch.randn(8, 12)
+        kept = ref[0].weight.detach()[frozen].clone()
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _loss(m, x).backward()
+            try:
+                o.step()
+            except RuntimeError:
+                if o is ref_opt and layout.startswith("decay"):
+                    # the decay layout's hand-over decays the weight, as AdamW's step does
+                    # first: the failed step raised after it (the oracle's raised before)
+                    with torch.no_grad():
+                        ref[0].weight.mul_(1 - 1e-2 * 0.05)
+                if recovery == "retry":
+                    o.step()
+        with torch.no_grad():
+            ref[0].weight[frozen] = kept
+    assert Split.calls == Ref.calls == 5 + (recovery == "retry")
+    _assert_same(model, ref)
+
+
+@pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
+def test_a_compiled_optimizer_step_runs_the_hooks_eagerly(layout):
+    """``torch.compile(optimizer.step)`` (torch's recipe): paramsplit's hooks run as graph
+    breaks, so the compiled step steps the parts. Equal to the unsplit model's compiled step."""
+    model, groups, ref, frozen = _pair(layout)
+    torch._dynamo.reset()
+    opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    step, ref_step = (torch.compile(o.step, backend="eager") for o in (opt, ref_opt))
+    for _ in range(3):
+        x = torch.randn(8, 12)
+        kept = ref[0].weight.detach()[frozen].clone()
+        for m, o, s in ((model, opt, step), (ref, ref_opt, ref_step)):
+            o.zero_grad()
+            _loss(m, x).backward()
+            s()
+        with torch.no_grad():
+            ref[0].weight[frozen] = kept
+    _assert_same(model, ref)
+
+
+def test_a_compiled_step_of_an_unsplit_optimizer_breaks_no_more_with_paramsplit():
+    """paramsplit's global hooks do nothing under torch.compile while no model is split (here,
+    in fresh processes): a compiled step of any optimizer has the graph breaks it has without
+    paramsplit (torch's AdamW has one of its own)."""
+    import subprocess
+    import sys
+
+    code = ("import torch{}\n"
+            "from torch._dynamo.utils import counters\n"
+            "model = torch.nn.Linear(4, 3)\n"
+            "opt = torch.optim.AdamW(model.parameters(), lr=0.1)\n"
+            "model(torch.randn(2, 4)).sum().backward()\n"
+            "torch.compile(opt.step, backend='eager')()\n"
+            "print(sum(counters['graph_break'].values()))\n")
+    breaks = [subprocess.run([sys.executable, "-c", code.format(extra)], capture_output=True,
+                             text=True, check=True).stdout.split()[-1]
+              for extra in ("", ", paramsplit")]
+    assert breaks[0] == breaks[1], breaks
+
+
+@pytest.mark.parametrize("rows_or_mask", ["rows", "mask"])
+def test_a_weight_decay_schedule_on_every_group_steps_a_decay_weight_whole(rows_or_mask):
+    """A schedule that sets every group's ``weight_decay`` (DINO's recipe) also sets it on the
+    per-element weight_decay group: the optimizer then decays that weight as a whole, with the
+    scheduled value, as it decays the regions' parts (``per_element_decay=False``: the oracle),
+    and paramsplit stops decaying it per element (it did twice), with a warning."""
+    g = torch.Generator().manual_seed(2)
+    plan = (paramsplit.rows({(0, 4): {"weight_decay": 0.0}, (4, None): {"weight_decay": 0.5}})
+            if rows_or_mask == "rows" else
+            paramsplit.Regions(torch.rand(9, 12, generator=g) < 0.5,
+                               {True: {"weight_decay": 0.5}, False: {"weight_decay": 0.0}}))
+    runs = []
+    for per_element_decay in (True, False):
+        model = _mlp(seed=6)
+        model, groups = paramsplit.split(model, {"0.weight": plan},
+                                         per_element_decay=per_element_decay)
+        opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for it in range(5):
+                if it >= 2:
+                    for group in opt.param_groups:
+                        group["weight_decay"] = 0.1 * it
+                opt.zero_grad()
+                _loss(model, torch.randn(8, 12, generator=torch.Generator().manual_seed(it))
+                      ).backward()
+                opt.step()
+        runs.append(model)
+        if per_element_decay:
+            assert any("as a whole tensor" in str(w.message) for w in caught)
+    _assert_same(*runs)
+
+
+class _Clamped(torch.optim.AdamW):
+    """An AdamW subclass whose step clamps every tensor it holds after ``super().step()``."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.clamp_(-0.2, 0.2)
+        return loss
+
+
+@pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
+def test_a_subclass_step_calling_super_step_keeps_the_weights_handed_over(layout):
+    """torch runs the step hooks around the subclass's ``step`` and again around the
+    ``super().step()`` it calls (once both classes have been instantiated): the inner call
+    neither hands over again nor back, so what the subclass does to the parts after it reaches
+    the model."""
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # AdamW.step gets its hooks too
+    model, groups, ref, frozen = _pair(layout)
+    opt = _Clamped(groups, lr=0.05, weight_decay=0.05)
+    ref_opt = _Clamped(ref.parameters(), lr=0.05, weight_decay=0.05)
+    for _ in range(6):
+        x = torch.randn(8, 12)
+        kept = ref[0].weight.detach()[frozen].clone()
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _loss(m, x).backward()
+            o.step()
+        with torch.no_grad():
+            ref[0].weight[frozen] = kept.clamp(-0.2, 0.2)
+    assert model[0].weight.abs().max() <= 0.2
+    _assert_same(model, ref)
