@@ -237,7 +237,9 @@ class _Cols(_Blocks):
 
 class _Mask(_Layout):
     """Any set of elements: the trained elements, sorted by region, are gathered into one 1-D
-    base whose slices are the parts; ``perm`` holds their flat positions in the weight.
+    base whose slices are the parts; ``perm`` holds their flat positions in the weight. A part
+    has its weight's ndim (shape ``(1, ..., 1, n)``), so code that groups tensors by ``ndim``
+    (decay for ``p.dim() >= 2``) treats it as it treats the weight.
 
     When the trained regions cover every element (no FROZEN region), the base is a permutation
     of the weight, and it is written back by a gather too, through the inverse permutation
@@ -289,8 +291,10 @@ class _Mask(_Layout):
 
     def pieces(self, full: Tensor) -> list[Tensor]:
         flat = full.reshape(-1)
-        return list(torch.split_with_sizes(flat.index_select(0, self._index(flat)[0]),
-                                           self.sizes))
+        lead = (1,) * (len(self.shape) - 1)
+        return [t.view(lead + (n,)) for t, n in zip(
+            torch.split_with_sizes(flat.index_select(0, self._index(flat)[0]), self.sizes),
+            self.sizes)]
 
     def parts_from(self, weight: Tensor) -> list[Tensor]:
         pieces = super().parts_from(weight)

@@ -520,6 +520,7 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
                 continue
             split, i = tag
             splits[id(split)] = split
+            _fit_state(optimizer.state.get(p), p)
             if fingerprints is not None and split.part_digest(i) not in fingerprints:
                 raise RuntimeError(
                     f"paramsplit: param group {g.get('name', '?')!r} of this optimizer was saved "
@@ -588,6 +589,16 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
             stacklevel=4)
     _CACHE[optimizer] = (signature, steppers)
     return steppers
+
+
+def _fit_state(state: dict[str, Any] | None, part: Tensor) -> None:
+    """Optimizer state saved by paramsplit 0.3.0, whose mask parts were 1-D, viewed in the part's
+    shape (its weight's ndim)."""
+    if state and part.dim() > 1:
+        for key, value in state.items():
+            if (isinstance(value, Tensor) and value.dim() == 1
+                    and value.numel() == part.numel()):
+                state[key] = value.view(part.shape)
 
 
 def _wrapped(optimizer: torch.optim.Optimizer,

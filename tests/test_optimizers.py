@@ -84,15 +84,15 @@ OTHERS = [
          module="schedulefree", schedule_free=True),
     Case("Adafactor(torch)", lambda p: torch.optim.Adafactor(p, lr=1e-2),
          {"rows": "differs", "mask": "differs"},
-         "factored 2nd moment per part; 1-D mask parts: unfactored"),
+         "factored 2nd moment per part (a mask part: one row)"),
     Case("Muon(torch)", lambda p: torch.optim.Muon(p, lr=1e-2),
-         {"rows": "differs", "mask": "error"},
-         "each part orthogonalised alone",
+         {"rows": "differs", "mask": "differs"},
+         "each part orthogonalised alone (a mask part as a 1 x n matrix)",
          bias=False),
     Case("Adafactor(transformers)",
          lambda p: __import__("transformers").optimization.Adafactor(p),
          {"rows": "differs", "mask": "differs"},
-         "factored 2nd moment and RMS scale per part; 1-D mask parts: unfactored",
+         "factored 2nd moment and RMS scale per part (a mask part: one row)",
          module="transformers"),
     Case("Lamb(pytorch-optimizer)", lambda p: __import__("pytorch_optimizer").Lamb(p, lr=1e-2),
          {"rows": "differs", "mask": "differs"}, "trust ratio per part",
@@ -156,14 +156,16 @@ class _PerPart(nn.Module):
             flat = _mask().reshape(-1)
             self.register_buffer("ia", (flat == 0).nonzero().flatten())
             self.register_buffer("ib", (flat == 1).nonzero().flatten())
-            self.a = nn.Parameter(w.reshape(-1)[self.ia].clone())
-            self.b = nn.Parameter(w.reshape(-1)[self.ib].clone())
+            # a mask part has its weight's ndim: 1 x n
+            self.a = nn.Parameter(w.reshape(-1)[self.ia].clone().view(1, -1))
+            self.b = nn.Parameter(w.reshape(-1)[self.ib].clone().view(1, -1))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
 
     def weight(self):
         if self.layout == "rows":
             return torch.cat([self.a, self.b])
-        w = self.a.new_empty(D * D).index_copy(0, self.ia, self.a).index_copy(0, self.ib, self.b)
+        w = self.a.new_empty(D * D).index_copy(0, self.ia, self.a.view(-1)).index_copy(
+            0, self.ib, self.b.view(-1))
         return w.view(D, D)
 
     def forward(self, x):

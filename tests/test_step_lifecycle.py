@@ -245,3 +245,62 @@ def test_a_subclass_step_calling_super_step_keeps_the_weights_handed_over(layout
             ref[0].weight[frozen] = kept.clamp(-0.2, 0.2)
     assert model[0].weight.abs().max() <= 0.2
     _assert_same(model, ref)
+
+
+def _nanogpt_groups(params, decay=0.1):
+    """nanoGPT's ``configure_optimizers``: decay the tensors of 2 or more dims, not the others."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
+def test_regrouping_by_ndim_treats_parts_as_their_weight(layout):
+    """Every part has its weight's ndim (a mask part of a 2-D weight is 1 x n), so nanoGPT's
+    decay rule, applied to the groups' tensors, decays a split 2-D weight's parts as it decays
+    the unsplit weight (mask parts were 1-D, and went undecayed)."""
+    model, groups, ref, frozen = _pair(layout)
+    params = [p for g in groups for p in g["params"]]
+    split = paramsplit._sync._SPLITS.get(model[0].weight)
+    assert all(p.dim() == 2 for p in (split.parts if split else []))
+    opt = torch.optim.AdamW(_nanogpt_groups(params), lr=1e-2)
+    ref_opt = torch.optim.AdamW(_nanogpt_groups(ref.parameters()), lr=1e-2)
+    for _ in range(4):
+        x = torch.randn(8, 12)
+        kept = ref[0].weight.detach()[frozen].clone()
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _loss(m, x).backward()
+            o.step()
+        with torch.no_grad():
+            ref[0].weight[frozen] = kept
+    # (decay layouts: regrouped out of the per-element weight_decay group, the weight is decayed
+    # whole with its new group's weight_decay, like the unsplit one, and paramsplit warns)
+    _assert_same(model, ref)
+
+
+def test_optimizer_state_of_one_dimensional_mask_parts_is_loaded_into_their_shape():
+    """paramsplit 0.3.0 made mask parts 1-D; an optimizer state saved then loads into the
+    parts' shape now (1 x n) and the run goes on as it would have."""
+    runs = []
+    for old in (False, True):
+        model, groups, _, _ = _pair("mask")
+        opt = torch.optim.AdamW(groups, lr=1e-2)
+        for i in range(2):
+            opt.zero_grad()
+            _loss(model, torch.randn(8, 12, generator=torch.Generator().manual_seed(i))
+                  ).backward()
+            opt.step()
+        saved = opt.state_dict()
+        if old:  # as 0.3.0 saved it
+            for state in saved["state"].values():
+                for k, v in state.items():
+                    if k != "step" and v.dim() == 2 and v.shape[0] == 1:
+                        state[k] = v.reshape(-1).clone()
+        fresh = torch.optim.AdamW(paramsplit.param_groups(model), lr=1e-2)
+        fresh.load_state_dict(saved)
+        opt.zero_grad()
+        _loss(model, torch.randn(8, 12, generator=torch.Generator().manual_seed(9))).backward()
+        fresh.step()
+        runs.append(model)
+    _assert_same(*runs)
