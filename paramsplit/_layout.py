@@ -104,6 +104,11 @@ class _Layout:
         self._at = _where(weight)
         return self.pieces(weight.detach())
 
+    @property
+    def copied(self) -> bool:
+        """Whether the parts are copies of the weight's elements (not its memory)."""
+        return True
+
     def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
         """Bring the weight's values into ``parts`` (in place, now or by ``copies``); ``False``
         if the parts must be made anew (the weight's storage, dtype or device changed)."""
@@ -195,6 +200,10 @@ class _Rows(_Blocks):
         if weight.is_contiguous():
             self._in = None
         return parts
+
+    @property
+    def copied(self) -> bool:
+        return self._in is not None
 
     def load(self, weight: Tensor, parts: list[Tensor], copies: _Copies) -> bool:
         if self._in is None:  # the parts are views of the weight's memory

@@ -556,14 +556,15 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
                 unsplit.append(s)  # its group decays it as a whole
             elif s is not None and s.parts and id(s) not in splits and p.requires_grad:
                 unsplit.append(s)
-    copies = [s.name for s in splits.values() if s.label != "rows"]
+    copies = [s.name for s in splits.values() if s._active is not None and s._active.copied]
     if copies and "ScheduleFree" in type(optimizer).__name__:
         raise RuntimeError(
             f"paramsplit: {type(optimizer).__name__} moves its tensors between their training and "
             f"evaluation values in train() / eval(), outside a step, and the parts of "
-            f"{', '.join(repr(n) for n in copies)} are copies (cols / mask layouts), so the model "
-            f"would not see those moves. Use rows blocks, per-element weight_decay alone (the "
-            f"'decay' layout), or another optimizer.")
+            f"{', '.join(repr(n) for n in copies)} are copies (cols / mask layouts, or rows of a "
+            f"weight that is not contiguous), so the model would not see those moves. Use rows "
+            f"blocks of a contiguous weight, per-element weight_decay alone (the 'decay' layout), "
+            f"or another optimizer.")
     if splits and type(optimizer).__name__ in _PER_TENSOR:
         warnings.warn(
             f"paramsplit: {type(optimizer).__name__} computes statistics of each whole tensor "

@@ -362,6 +362,22 @@ def test_schedule_free_eval_reaches_the_model(layout):
     assert torch.equal(model(x), unsplit(x))
 
 
+def test_schedule_free_refuses_rows_of_a_weight_that_is_not_contiguous():
+    """rows parts of a channels_last convolution's weight are copies, like cols parts: the
+    moves of ``eval()`` / ``train()`` would not reach them, so it is refused as they are."""
+    schedulefree = pytest.importorskip("schedulefree")
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.Flatten(), nn.Linear(6 * 25, 2))
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    _, groups = paramsplit.split(model, {"0": rows({(0, 2): {"lr": 1e-2}, (2, None): {}})},
+                                 per_element_decay=False)
+    opt = schedulefree.AdamWScheduleFree(groups, lr=1e-2)
+    opt.train()
+    model(torch.randn(2, 4, 7, 7)).square().mean().backward()
+    with pytest.raises(RuntimeError, match=r"the parts of '0.weight' are copies .*not contiguous"):
+        opt.step()
+
+
 # -- the table -------------------------------------------------------------------------------
 
 def test_zz_table(capsys):
