@@ -82,9 +82,14 @@ def load_merged_state_dict(model: nn.Module, state_dict: Mapping[str, Any],
     return set_model_state_dict(model, dict(state_dict), options=options)
 
 
-def _split_of(p: torch.Tensor) -> _Split | None:
+def _stepped(p: torch.Tensor, held: set[int]) -> tuple[_Split | None, list[torch.Tensor]]:
+    """The split of ``p`` and its parts, if the optimizer (holding ``held``) steps parts of it;
+    else ``(None, [p])``: an optimizer not built from the groups steps ``p`` whole."""
     split = _SPLITS.get(p)
-    return split if split is not None and split.layout is not None else None
+    if split is not None and split.layout is not None and (
+            not split.parts or any(id(q) in held for q in split.parts)):
+        return split, split.parts
+    return None, [p]
 
 
 def merged_optimizer_state(optimizer: torch.optim.Optimizer,
@@ -108,8 +113,7 @@ def merged_optimizer_state(optimizer: torch.optim.Optimizer,
     out: dict[str, dict[str, Any]] = {}
     found = False
     for name, p in model.named_parameters():
-        split = _split_of(p)
-        parts = split.parts if split is not None else [p]
+        split, parts = _stepped(p, held)
         found = found or any(id(q) in held for q in parts + [p])
         states = [optimizer.state.get(q, {}) for q in parts]
         merged: dict[str, Any] = {}
@@ -164,8 +168,7 @@ def load_merged_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Modu
             raise KeyError(f"load_merged_optimizer_state: the model has no parameter "
                            f"{name!r}{hint}; nothing was loaded")
         p = params[name]
-        split = _split_of(p)
-        parts = split.parts if split is not None else [p]
+        split, parts = _stepped(p, held)
         if not isinstance(values, Mapping):
             raise TypeError(f"load_merged_optimizer_state: state[{name!r}] must be a dict, got "
                             f"{type(values).__name__}; nothing was loaded")

@@ -304,3 +304,32 @@ def test_optimizer_state_of_one_dimensional_mask_parts_is_loaded_into_their_shap
         fresh.step()
         runs.append(model)
     _assert_same(*runs)
+
+
+@pytest.mark.parametrize("layout", ["rows", "cols", "mask", "decay-mask"])
+def test_merged_state_goes_to_the_whole_weight_of_an_optimizer_that_steps_it_whole(layout):
+    """An optimizer built from ``model.parameters()`` of a split model steps each weight whole
+    (and warns): the merged state of a split run loads into the weight itself (it went to the
+    parts, which that optimizer does not hold, and was dropped), and is read back from it."""
+    model, groups, ref, _ = _pair(layout)
+    opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+
+    def step(m, o, i):
+        o.zero_grad()
+        _loss(m, torch.randn(8, 12, generator=torch.Generator().manual_seed(i))).backward()
+        o.step()
+
+    for i in range(3):
+        step(model, opt, i)
+        step(ref, ref_opt, i)
+    whole = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    paramsplit.load_merged_optimizer_state(whole, model,
+                                           paramsplit.merged_optimizer_state(opt, model))
+    assert set(whole.state[model[0].weight]) == {"step", "exp_avg", "exp_avg_sq"}
+    with pytest.warns(UserWarning, match="as a whole tensor"):
+        step(model, whole, 3)
+    step(ref, ref_opt, 3)
+    _assert_same(model, ref)
+    back = paramsplit.merged_optimizer_state(whole, model)["0.weight"]
+    assert torch.equal(back["exp_avg"], ref_opt.state[ref[0].weight]["exp_avg"])
