@@ -565,14 +565,18 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
             f"weight that is not contiguous), so the model would not see those moves. Use rows "
             f"blocks of a contiguous weight, per-element weight_decay alone (the 'decay' layout), "
             f"or another optimizer.")
-    if splits and type(optimizer).__name__ in _PER_TENSOR:
+    if splits and not _elementwise(optimizer):
+        name = type(optimizer).__name__
+        does = (f"{name} computes" if name in _PER_TENSOR else
+                f"paramsplit does not know whether {name} updates each element from its own "
+                f"gradient and state alone. If it computes")
         warnings.warn(
-            f"paramsplit: {type(optimizer).__name__} computes statistics of each whole tensor "
-            f"(factored moments, orthogonalised updates, trust ratios, quantisation blocks), so "
-            f"it treats each part of {', '.join(repr(s.name) for s in splits.values())} as a "
-            f"tensor of its own: not what it would do with the unsplit tensor. For per-element "
-            f"weight_decay alone, a plan whose regions differ only in weight_decay keeps the "
-            f"tensor whole (the 'decay' layout).", stacklevel=4)
+            f"paramsplit: {does} statistics of each whole tensor (factored moments, "
+            f"orthogonalised updates, trust ratios, quantisation blocks, centralised gradients), "
+            f"so it treats each part of {', '.join(repr(s.name) for s in splits.values())} as "
+            f"a tensor of its own: not what it would do with the unsplit tensor. For "
+            f"per-element weight_decay alone, a plan whose regions differ only in weight_decay "
+            f"keeps the tensor whole (the 'decay' layout).", stacklevel=4)
     if unsplit:
         decays = any(u.decay is not None for u in unsplit)
         frozen = any(r.options is None for u in unsplit for r in u.regions)
@@ -616,7 +620,38 @@ def _wrapped(optimizer: torch.optim.Optimizer,
 #: optimizers (by class name) whose update of a tensor depends on statistics of the whole tensor
 _PER_TENSOR = {"Adafactor", "Muon", "LAMB", "Lamb", "LARS", "Lars", "Shampoo", "SOAP",
                "AdamW8bit", "Adam8bit", "PagedAdamW8bit", "PagedAdam8bit", "AdamW4bit",
-               "AdamWFp8", "Lion8bit", "PagedLion8bit", "SGD8bit"}
+               "AdamWFp8", "Lion8bit", "PagedLion8bit", "SGD8bit", "OrthoGrad", "CAME",
+               "AdaFactor", "AdamP", "SGDP", "Nero", "Fromage", "SM3", "Ranger", "Ranger21"}
+
+#: module -> the optimizers (class names; None: all) that update each element from its own
+#: gradient and state alone, or from statistics of all tensors together (SAM's gradient norm,
+#: Prodigy's and D-Adaptation's step sizes): a split changes nothing in their math.
+#: tests/test_optimizers.py checks each against the unsplit run.
+_ELEMENTWISE: dict[str, set[str] | None] = {
+    "torch.optim": {"SGD", "Adam", "AdamW", "RAdam", "NAdam", "Adamax", "Adadelta", "Adagrad",
+                    "RMSprop", "ASGD", "Rprop", "SparseAdam", "LBFGS"},
+    "lion_pytorch": {"Lion"},
+    "schedulefree": None,
+    "pytorch_optimizer": {"Lookahead", "SAM", "Adan", "AdaBelief", "Lion", "Tiger", "Prodigy",
+                          "DAdaptAdam"},
+    "bitsandbytes": {"Adam", "AdamW", "Lion", "SGD", "Adam32bit", "AdamW32bit", "Lion32bit",
+                     "SGD32bit", "PagedAdam", "PagedAdamW", "PagedLion", "PagedAdam32bit",
+                     "PagedAdamW32bit", "PagedLion32bit"},
+}
+
+
+def _elementwise(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` (or the listed optimizer its class derives from) is one of
+    ``_ELEMENTWISE``, and for bitsandbytes' classes keeps 32-bit state."""
+    if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
+        return False
+    for cls in type(optimizer).__mro__:
+        names = _ELEMENTWISE.get(cls.__module__.split(".")[0], False)
+        if cls.__module__.startswith("torch.optim"):
+            names = _ELEMENTWISE["torch.optim"]
+        if names is None or (names and cls.__name__ in names):
+            return cls.__name__ not in _PER_TENSOR
+    return False
 
 
 #: optimizer -> the steppers its step under way has handed over (parts holding the weights'

@@ -41,8 +41,9 @@ LAYOUTS = ("rows", "mask")
 class Case:
     name: str
     make: Callable[..., torch.optim.Optimizer]
-    #: per layout: "exact" (bitwise vs unsplit), "differs" (per-part oracle bitwise, not
-    #: the unsplit run) or "error" (the optimizer refuses the parts at construction)
+    #: per layout: "exact" (bitwise vs unsplit), "rounding" (equal up to the order of sums
+    #: over all tensors), "differs" (per-part oracle bitwise, not the unsplit run) or "error"
+    #: (the optimizer refuses the parts at construction)
     expect: dict[str, str]
     note: str = ""
     module: str | None = None  # a package to import first (skipped only if not installed)
@@ -50,6 +51,11 @@ class Case:
     schedule_free: bool = False
     #: (optimizer, parts) -> what the optimizer keeps for each part, for the table
     inspect: Callable[..., str] | None = None
+
+    @property
+    def per_tensor(self) -> bool:
+        """Computes statistics of each whole tensor: paramsplit warns when it steps parts."""
+        return "differs" in self.expect.values() or "8bit" in self.name
 
 
 def _torch(name, note="", **kw):
@@ -100,6 +106,24 @@ OTHERS = [
     Case("LARS(pytorch-optimizer)", lambda p: __import__("pytorch_optimizer").LARS(p, lr=1e-2),
          {"rows": "differs", "mask": "differs"}, "trust ratio per part",
          module="pytorch_optimizer"),
+    *[Case(f"{name}(pytorch-optimizer)",
+           lambda p, name=name, kw=kw: getattr(__import__("pytorch_optimizer"), name)(p, **kw),
+           {"rows": "exact", "mask": "exact"}, note, module="pytorch_optimizer")
+      for name, kw, note in [
+          ("Adan", {"lr": 1e-2, "weight_decay": 0.01}, ""),
+          ("AdaBelief", {"lr": 1e-2, "weight_decay": 0.01}, ""),
+          ("Lion", {"lr": 1e-3, "weight_decay": 0.1}, ""),
+          ("Tiger", {"lr": 1e-3}, ""),
+          ("Prodigy", {"lr": 1.0}, "step size from sums over all tensors"),
+          ]],
+    Case("DAdaptAdam(pytorch-optimizer)",
+         lambda p: __import__("pytorch_optimizer").DAdaptAdam(p, lr=1.0),
+         {"rows": "rounding", "mask": "rounding"},
+         "step size from sums over all tensors, in another order", module="pytorch_optimizer"),
+    *[Case(f"{name}(bitsandbytes)",
+           lambda p, name=name: getattr(__import__("bitsandbytes").optim, name)(p, lr=1e-3),
+           {"rows": "exact", "mask": "exact"}, "32-bit state", module="bitsandbytes")
+      for name in ("AdamW32bit", "Lion32bit")],
     Case("AdamW8bit(bitsandbytes)",
          lambda p: __import__("bitsandbytes").optim.AdamW8bit(p, lr=1e-2),
          {"rows": "exact", "mask": "differs"},
@@ -225,8 +249,9 @@ def test_equal_options_against_the_unsplit_run(case, layout):
                                              f"{str(info.value)[:60]}")
         return
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             # the optimizers' own deprecation notices; paramsplit's warnings still show
+            warnings.simplefilter("always")
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=FutureWarning)
             opt = case.make(groups)
@@ -240,6 +265,13 @@ def test_equal_options_against_the_unsplit_run(case, layout):
     parts = paramsplit._sync._SPLITS[model[0].weight].parts
     _record(case, layout, "exact" if exact else "differs", diff,
             case.inspect(opt, parts) if case.inspect else "")
+    # paramsplit warns exactly for the optimizers whose split math may differ
+    warned = any("statistics of each whole tensor" in str(w.message) for w in caught)
+    assert warned == case.per_tensor, f"{case.name}: paramsplit warned: {warned}"
+    if expect == "rounding":
+        for p, q in zip(model.parameters(), unsplit.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+        return
     if expect == "exact":
         assert exact, f"{case.name} {layout}: max difference {diff:.3g} from the unsplit run"
         return

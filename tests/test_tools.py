@@ -284,6 +284,39 @@ def test_per_tensor_optimizers_stepping_parts_warn_naming_them(make):
         train(model, opt, batches(1))
 
 
+class _Centralised(torch.optim.Optimizer):
+    """A hand-written SGD that centralises each tensor's gradient (subtracts its mean): a
+    statistic of the whole tensor, as Ranger and pytorch_optimizer's ``use_gc`` do."""
+
+    def __init__(self, params, lr=0.05):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad - p.grad.mean(), alpha=-group["lr"])
+
+
+def test_an_optimizer_paramsplit_does_not_know_warns_that_it_may_differ():
+    """paramsplit cannot tell an unknown optimizer's math: stepping parts, it warns that the
+    optimizer may compute whole-tensor statistics (this one does, and differs); a subclass of an
+    element-wise torch optimizer is known, and silent."""
+    model, _, _, _, _ = pair("rows")
+    with pytest.warns(UserWarning, match=r"paramsplit does not know whether _Centralised "
+                                         r"updates each element .*'0.weight'"):
+        train(model, _Centralised(ps.param_groups(model)), batches(1))
+
+    class MyAdamW(torch.optim.AdamW):
+        pass
+
+    model, _, _, _, _ = pair("rows")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, MyAdamW(ps.param_groups(model), lr=0.05), batches(1))
+
+
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
 def test_pickled_or_copied_groups_raise_instead_of_stepping_whole_weights(how):
     """A ddp_spawn worker gets a pickled copy of the groups: its parts are plain tensors that
