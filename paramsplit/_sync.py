@@ -520,7 +520,7 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
                 continue
             split, i = tag
             splits[id(split)] = split
-            _fit_state(optimizer.state.get(p), p)
+            _fit_state(optimizer, p, split)
             if fingerprints is not None and split.part_digest(i) not in fingerprints:
                 raise RuntimeError(
                     f"paramsplit: param group {g.get('name', '?')!r} of this optimizer was saved "
@@ -596,14 +596,26 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
     return steppers
 
 
-def _fit_state(state: dict[str, Any] | None, part: Tensor) -> None:
+def _fit_state(optimizer: torch.optim.Optimizer, part: Tensor, split: _Split) -> None:
     """Optimizer state saved by paramsplit 0.3.0, whose mask parts were 1-D, viewed in the part's
-    shape (its weight's ndim)."""
-    if state and part.dim() > 1:
-        for key, value in state.items():
-            if (isinstance(value, Tensor) and value.dim() == 1
-                    and value.numel() == part.numel()):
-                state[key] = value.view(part.shape)
+    shape (its weight's ndim). An element-wise optimizer's state of another shape was saved for
+    other tensors (by an optimizer not built from the groups, which carries no fingerprints):
+    refused here rather than by a broadcasting error in the step."""
+    state = optimizer.state.get(part)
+    if not state:
+        return
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or value.dim() == 0 or value.shape == part.shape:
+            continue
+        if value.dim() == 1 and value.numel() == part.numel():
+            state[key] = value.view(part.shape)
+        elif _elementwise(optimizer) and type(optimizer).__name__ != "LBFGS":
+            raise RuntimeError(
+                f"paramsplit: the optimizer's state {key!r} of a part of {split.name!r} has "
+                f"shape {tuple(value.shape)}, the part {tuple(part.shape)}: the state was saved "
+                f"for other tensors (by an optimizer over the unsplit model, or split another "
+                f"way). Carry optimizer state across layouts with "
+                f"paramsplit.merged_optimizer_state / load_merged_optimizer_state.")
 
 
 def _wrapped(optimizer: torch.optim.Optimizer,

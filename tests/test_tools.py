@@ -265,6 +265,25 @@ def test_optimizer_state_of_another_layout_is_refused_at_the_first_step():
         train(other, opt2, batches(1))
 
 
+def test_optimizer_state_of_the_unsplit_model_is_refused_by_its_shapes():
+    """State saved by an optimizer over the unsplit model carries no fingerprints; where its
+    shapes do not fit the parts, the first step names paramsplit, the parameter and the remedy
+    (it was torch's broadcasting error inside AdamW)."""
+    plain = make_model()
+    opt = torch.optim.AdamW(plain.parameters(), lr=0.05)
+    train(plain, opt, batches(1))
+    model, groups = ps.split(make_model(), {"0": ps.rows({(0, 4): {"lr": 0.01}, (4, 9): {}})},
+                             per_element_decay=False)
+    new = torch.optim.AdamW([{"params": [p for g in groups for p in g["params"]]}], lr=0.05)
+    new.load_state_dict({"state": opt.state_dict()["state"],
+                         "param_groups": [{**opt.state_dict()["param_groups"][0],
+                                           "params": list(range(len(new.param_groups[0]
+                                                                    ["params"])))}]})
+    with pytest.raises(RuntimeError, match=r"paramsplit: the optimizer's state 'exp_avg' of a "
+                                           r"part of '0.weight' has shape .*merged_optimizer_st"):
+        train(model, new, batches(1))
+
+
 @pytest.mark.parametrize("make", [
     lambda g: torch.optim.Adafactor(g, lr=0.01),
     lambda g: torch.optim.Muon([{**group, "params": [q for q in group["params"] if q.dim() == 2]}
