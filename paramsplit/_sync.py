@@ -520,7 +520,6 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
                 continue
             split, i = tag
             splits[id(split)] = split
-            _fit_state(optimizer, p, split)
             if fingerprints is not None and split.part_digest(i) not in fingerprints:
                 raise RuntimeError(
                     f"paramsplit: param group {g.get('name', '?')!r} of this optimizer was saved "
@@ -537,6 +536,8 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
             "process that trains, and give the optimizer the groups paramsplit.split returns "
             "there.")
     for split in splits.values():
+        for part in split.parts:
+            _fit_state(optimizer, part, split)
         if id(split.weight) not in held:
             raise RuntimeError(
                 f"paramsplit: this optimizer steps parts of {split.name!r} but does not hold "
