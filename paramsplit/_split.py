@@ -8,7 +8,7 @@ from torch import nn
 
 from ._groups import _param_groups
 from ._spec import MAX_REGIONS, Spec, SpecError, _options_label, _resolve
-from ._sync import _SPLITS, _register, _Split, _take_over
+from ._sync import _ROOTS, _SPLITS, _register, _Split, _take_over
 
 
 def split(model: nn.Module, spec: Spec, *, max_regions: int = MAX_REGIONS,
@@ -47,6 +47,7 @@ def split(model: nn.Module, spec: Spec, *, max_regions: int = MAX_REGIONS,
     """
     for split_ in _plan(model, spec, max_regions, per_element_decay):
         _register(model, split_)
+    _ROOTS.setdefault(model, {})  # a model given to split, even if nothing was planned
     return model, _param_groups(model)
 
 
@@ -96,12 +97,22 @@ def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     added trainable parameters after :func:`split` (PEFT's adapters), or to build a second
     optimizer; the parts are the same tensors :func:`split` made.
 
+    Raises ``ValueError`` for a model that was never given to :func:`split` (and holds no
+    parameter it planned): the groups would step every tensor whole. A copy of a split model,
+    by ``deepcopy`` or pickling, is such a plain model.
+
     Example::
 
         >>> peft_model = peft.get_peft_model(model, LoraConfig(target_modules=["q_proj"]))
         >>> opt = torch.optim.AdamW(paramsplit.param_groups(peft_model), lr=1e-3)
     """
     _take_over(model)
+    if not any(m in _ROOTS for m in model.modules()) and not any(
+            _SPLITS.get(p) is not None for p in model.parameters()):
+        raise ValueError(
+            "paramsplit.param_groups: no parameter of this model was planned by paramsplit.split, "
+            "so every tensor would be stepped whole. A copy of a split model (deepcopy, pickle) "
+            "is a plain model: split the copy with the spec (paramsplit.split(copy, spec)).")
     return _param_groups(model)
 
 

@@ -336,6 +336,18 @@ def test_an_optimizer_paramsplit_does_not_know_warns_that_it_may_differ():
         train(model, MyAdamW(ps.param_groups(model), lr=0.05), batches(1))
 
 
+def test_param_groups_of_a_copy_of_a_split_model_raise():
+    """A deepcopy of a split model is a plain model: its param groups would train the planned
+    FROZEN rows, so ``param_groups`` refuses it, naming the remedy; a model split with an empty
+    spec is still a model given to split."""
+    model, _, _, _, _ = pair("rows")
+    with pytest.raises(ValueError, match=r"paramsplit.param_groups: no parameter .* split the "
+                                         r"copy"):
+        ps.param_groups(copy.deepcopy(model))
+    plain, _ = ps.split(make_model(), {})
+    assert [g["name"] for g in ps.param_groups(plain)] == ["default"]
+
+
 @pytest.mark.parametrize("how", ["pickle", "deepcopy"])
 def test_pickled_or_copied_groups_raise_instead_of_stepping_whole_weights(how):
     """A ddp_spawn worker gets a pickled copy of the groups: its parts are plain tensors that
