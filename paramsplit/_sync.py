@@ -170,12 +170,15 @@ class _Split:
         self.regions: list[_Region] = target.regions
         self.label = target.kind
         self.decay: _Decay | None = None
-        if per_element_decay and target.kind != "whole" and all(
+        whole = target.kind == "whole"
+        if per_element_decay and not whole and all(
                 r.options is not None and set(r.options) <= {"weight_decay"}
                 for r in target.regions):
-            self.decay, self.label = _Decay(target), "decay"
-        self.layout: _Layout | None = None if target.kind == "whole" or self.decay else \
-            _layout(target)
+            if len({(r.options or {}).get("weight_decay") for r in target.regions}) == 1:
+                whole, self.label = True, "whole"  # one weight_decay (or none) for every element
+            else:
+                self.decay, self.label = _Decay(target), "decay"
+        self.layout: _Layout | None = None if whole or self.decay else _layout(target)
         self._active = self.layout  # the layout of the tensor the parts cut: see _local
         self.weight: Tensor = target.param
         self.parts: list[nn.Parameter] = []
