@@ -356,7 +356,7 @@ class _Split:
         or raised inside the optimizer): the weight gets its gradient back unless it was cleared
         or given a new one since (``zero_grad``, a backward). Its values stay as the model has
         them (``rows`` parts are its memory); the parts take them again at the next step."""
-        stash, self._stash = self._stash, None
+        stash, self._stash, self._given = self._stash, None, []
         if stash is not None and self.weight.grad is None and any(
                 p.grad is not None for p in self.parts):
             self.weight.grad = stash
@@ -371,6 +371,7 @@ class _Split:
                            copies)
         if self._stash is not None:
             weight.grad, self._stash = self._grad_after(), None
+            self._given = []  # (holding them would keep a gradient alive until the next step)
             for p in self.parts:
                 p.grad = None
 

@@ -786,19 +786,32 @@ def test_at_rest_a_split_holds_its_parts_and_for_masks_one_index_per_trained_ele
     (an int64 position; or, for a mask that covers every element, an int32 position and its
     inverse); no element-wise region ids (0.2 kept none either)."""
     model = _mlp()
-    _split(model, kind)
+    _, groups = _split(model, kind)
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    _step(model, opt, torch.randn(4, 12))  # after a step, nothing of it is kept either
+    opt.zero_grad()
     w = model[0].weight
     split = paramsplit._sync._SPLITS[w]
     seen, held = {w.untyped_storage().data_ptr()}, 0
-    objects = [vars(split), vars(split.layout), vars(split.layout.target)]
-    for value in (v for d in objects for v in d.values()):
-        for t in value if isinstance(value, (list, tuple)) else value.values() \
-                if isinstance(value, dict) else [value]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                ptr = t.untyped_storage().data_ptr()
-                if ptr not in seen:
-                    seen.add(ptr)
-                    held += t.untyped_storage().nbytes()
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from tensors(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+
+    own = {k: v for k, v in vars(split).items() if k != "_links"}  # (the model's own dicts)
+    objects = [own, vars(split.layout), vars(split.layout.target)]
+    for t in tensors(objects):
+        if t.device.type != "meta":
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in seen:
+                seen.add(ptr)
+                held += t.untyped_storage().nbytes()
     trained = sum(p.numel() for p in split.parts)
     per_element = {"rows": 0, "cols": 4, "even-cols": 4}.get(kind, 4 + 8)  # fp32 (+ indices)
     assert held == trained * per_element, (kind, held, trained)
