@@ -38,13 +38,26 @@ _SWITCHED = {"Adam", "NAdam", "RAdam"}  # decoupled when the group says decouple
 
 def _form(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str | None:
     """How ``optimizer`` decays the parameters of ``group``: ``pre``, ``coupled``, ``post``, or
-    ``None`` when paramsplit does not know. A subclass decays as the optimizer it derives from
-    (the first of its bases listed here)."""
+    ``None`` when paramsplit does not know. A subclass that keeps its base's ``step`` decays as
+    that base does; one with a ``step`` of its own is not known."""
+    cls = _stepping_class(optimizer)
+    return None if cls is None else _form_of(cls, group)
+
+
+def _stepping_class(optimizer: Any) -> type | None:
+    """The class of ``optimizer``'s MRO whose ``step`` it runs (torch's hook wrapper unwrapped),
+    or None if that step is not a class's own."""
+    step = _unwrapped(type(optimizer).step)
     for cls in type(optimizer).__mro__:
-        form = _form_of(cls, group)
-        if form is not None:
-            return form
+        if "step" in vars(cls) and _unwrapped(vars(cls)["step"]) is step:
+            return cls
     return None
+
+
+def _unwrapped(fn: Any) -> Any:
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
 
 
 def _form_of(cls: type, group: dict[str, Any]) -> str | None:

@@ -35,7 +35,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from ._decay import DECAY_GROUP, _Decay, _form, _lr, _scale
+from ._decay import DECAY_GROUP, _Decay, _form, _lr, _scale, _stepping_class
 from ._layout import _Copies, _Layout, _layout
 from ._spec import _Region, _Target
 
@@ -102,6 +102,9 @@ if _Part not in _optimizer._foreach_supported_types:
 
 #: Group key holding the fingerprints of the parts a group was made with (see ``_groups``).
 LAYOUT_KEY = "paramsplit_layout"
+#: Key paramsplit sets on a per-element weight_decay group once its ``weight_decay`` was set
+#: to another value than 0 (a weight-decay schedule): its weights are stepped whole from then on.
+SCHEDULED_KEY = "paramsplit_weight_decay_scheduled"
 _PART = "_paramsplit_part"  # attribute of a part: (its _Split, its index)
 
 #: model given to split -> its _Splits by first name; a _Split lives as long as its model (or
@@ -184,7 +187,6 @@ class _Split:
         self.parts: list[nn.Parameter] = []
         self._stash: Tensor | None = None
         self._given: list[tuple[Tensor, int]] = []  # the parts' gradients and their versions
-        self.held = False  # handed over to the parts by a step under way (see _hand_over)
         self._links: list[tuple[dict[str, Any], str, Any]] = []  # see current()
         if self.layout is not None:
             self._make_parts(target.param)
@@ -411,6 +413,13 @@ class _Decaying:
 
     def check(self) -> None:
         """Raise now, before any weight of the step is decayed, if this one cannot be."""
+        if getattr(self.optimizer, "found_inf", None) is not None:
+            raise RuntimeError(
+                f"paramsplit: GradScaler steps this fused {type(self.optimizer).__name__} "
+                f"itself: the kernel unscales the gradients and skips a step with inf "
+                f"gradients, after paramsplit's hook, which cannot know either, so it cannot "
+                f"apply the per-element weight_decay of {self.split.name!r}. Use the foreach "
+                f"implementation (fused=False), or split with per_element_decay=False.")
         weight = self.split.checked()
         if _is_wrapper(weight) and weight.grad is not None:
             raise RuntimeError(f"paramsplit: per-element weight_decay of {self.split.name!r} "
@@ -553,8 +562,10 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
     for g in optimizer.param_groups:
         for p in g["params"]:
             s = _SPLITS.get(p)
+            if g.get("name") == DECAY_GROUP and g.get("weight_decay", 0.0) != 0.0:
+                g[SCHEDULED_KEY] = True  # set from outside (a schedule): whole from now on
             if (s is not None and s.decay is not None and g.get("name") == DECAY_GROUP
-                    and g.get("weight_decay", 0.0) == 0.0):
+                    and g.get("weight_decay", 0.0) == 0.0 and not g.get(SCHEDULED_KEY)):
                 if _form(optimizer, g) is not None or _wrapped(optimizer, g) is None:
                     steppers.append(_Decaying(s, optimizer, g))  # (else the wrapped one decays)
             elif s is not None and s.decay is not None and p.requires_grad:
@@ -602,19 +613,19 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
 
 
 def _fit_state(optimizer: torch.optim.Optimizer, part: Tensor, split: _Split) -> None:
-    """Optimizer state saved by paramsplit 0.3.0, whose mask parts were 1-D, viewed in the part's
-    shape (its weight's ndim). An element-wise optimizer's state of another shape was saved for
-    other tensors (by an optimizer not built from the groups, which carries no fingerprints):
-    refused here rather than by a broadcasting error in the step."""
+    """An element-wise optimizer's state (kept in its tensor's shape) saved by paramsplit 0.3.0,
+    whose mask parts were 1-D, viewed in the part's shape (its weight's ndim). Such state of
+    another shape was saved for other tensors (by an optimizer not built from the groups, which
+    carries no fingerprints): refused here rather than by a broadcasting error in the step."""
     state = optimizer.state.get(part)
-    if not state:
-        return
+    if not state or not _elementwise(optimizer) or type(optimizer).__name__ == "LBFGS":
+        return  # (others keep state of other shapes: factored moments, quantised blocks)
     for key, value in state.items():
         if not isinstance(value, Tensor) or value.dim() == 0 or value.shape == part.shape:
             continue
         if value.dim() == 1 and value.numel() == part.numel():
             state[key] = value.view(part.shape)
-        elif _elementwise(optimizer) and type(optimizer).__name__ != "LBFGS":
+        else:
             raise RuntimeError(
                 f"paramsplit: the optimizer's state {key!r} of a part of {split.name!r} has "
                 f"shape {tuple(value.shape)}, the part {tuple(part.shape)}: the state was saved "
@@ -658,17 +669,15 @@ _ELEMENTWISE: dict[str, set[str] | None] = {
 
 
 def _elementwise(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``optimizer`` (or the listed optimizer its class derives from) is one of
-    ``_ELEMENTWISE``, and for bitsandbytes' classes keeps 32-bit state."""
-    if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
+    """Whether the class whose ``step`` ``optimizer`` runs (its own, or a base's it keeps) is one
+    of ``_ELEMENTWISE``, and for bitsandbytes' classes it keeps 32-bit state."""
+    cls = _stepping_class(optimizer)
+    if cls is None or getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
         return False
-    for cls in type(optimizer).__mro__:
-        names = _ELEMENTWISE.get(cls.__module__.split(".")[0], False)
-        if cls.__module__.startswith("torch.optim"):
-            names = _ELEMENTWISE["torch.optim"]
-        if names is None or (names and cls.__name__ in names):
-            return cls.__name__ not in _PER_TENSOR
-    return False
+    module = cls.__module__
+    names = _ELEMENTWISE["torch.optim"] if module.startswith("torch.optim") else \
+        _ELEMENTWISE.get(module.split(".")[0], set())
+    return (names is None or cls.__name__ in names) and cls.__name__ not in _PER_TENSOR
 
 
 #: optimizer -> the steppers its step under way has handed over (parts holding the weights'
@@ -685,10 +694,17 @@ def _split_of(stepper: Any) -> _Split:
 def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any], frame: Any) -> None:
     """Before a step: every check first, then the parts take values and gradients (their copies
     made together), then the per-element decay, which alone changes weights. A refusal on the
-    way undoes what was done: every weight keeps its values and its gradient. Weights a step
-    under way holds already (a wrapper such as Lookahead stepping the optimizer it wraps) are
-    left to it."""
-    steppers = [s for s in steppers if not _split_of(s).held]
+    way undoes what was done: every weight keeps its values and its gradient. Weights that a
+    step still under way holds (a wrapper such as Lookahead stepping the optimizer it wraps)
+    are left to it; those of a step that raised are taken back from it first."""
+    held: set[int] = set()
+    for other, (others, other_frame) in list(_STEPPING.items()):
+        if other is not optimizer:
+            if _alive(others, other_frame):
+                held.update(id(_split_of(s)) for s in others)
+            else:
+                _abandon(other)
+    steppers = [s for s in steppers if id(_split_of(s)) not in held]
     splits = [s for s in steppers if isinstance(s, _Split)]
     decaying = [s for s in steppers if not isinstance(s, _Split)]
     copies, done = _Copies(), []
@@ -707,8 +723,6 @@ def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any], frame: Any
             for stepper in reversed(done):
                 stepper.abandon()
             raise
-    for stepper in steppers:
-        _split_of(stepper).held = True
     _STEPPING[optimizer] = (steppers, frame)
 
 
@@ -716,8 +730,6 @@ def _hand_back(optimizer: torch.optim.Optimizer) -> None:
     """After a step: what :func:`_hand_over` gave the parts goes back to the weights."""
     steppers = _STEPPING.pop(optimizer, ([], None))[0]
     if steppers:
-        for stepper in steppers:
-            _split_of(stepper).held = False
         with torch.no_grad():
             _after(steppers)
 
@@ -726,8 +738,16 @@ def _abandon(optimizer: torch.optim.Optimizer) -> None:
     """A step of ``optimizer`` raised after the hand-over, so its hand-back never ran: give the
     weights their gradients back (unless replaced since) and let the next step start afresh."""
     for stepper in _STEPPING.pop(optimizer, ([], None))[0]:
-        _split_of(stepper).held = False
         stepper.abandon()
+
+
+def _alive(steppers: list[Any], frame: Any) -> bool:
+    """Whether the step that handed ``steppers`` over is still under way: its frame is on the
+    call stack. Under torch.compile (no frame): whether no split weight got a gradient since
+    (the hand-over hides theirs; a new one means a new backward after a step that raised)."""
+    if frame is not None:
+        return _running(frame)
+    return all(s.weight.grad is None for s in steppers if isinstance(s, _Split))
 
 
 def _running(frame: Any) -> bool:
@@ -822,9 +842,18 @@ def _over(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any, frame: Any) 
     or its step raised, and is abandoned now."""
     held = _STEPPING.get(optimizer)
     if held is not None:
-        if held[1] is None or _running(held[1]):
+        if not _alive(*held):
+            _abandon(optimizer)
+        elif frame is not None:
             return None
-        _abandon(optimizer)
+        else:
+            raise RuntimeError(
+                f"paramsplit: a compiled step of this {type(optimizer).__name__} started while "
+                f"its previous step still holds the split weights: a subclass whose step calls "
+                f"super().step() (torch runs the step hooks around both), or a step that raised "
+                f"and is retried without a new backward. Under torch.compile paramsplit cannot "
+                f"tell these apart: step such an optimizer eagerly, or zero_grad() and backward "
+                f"again before stepping after an error.")
     steppers = _splits_of(optimizer)
     if not steppers:
         return None

@@ -113,9 +113,12 @@ def test_random_splits_are_exact(case, dtype):
                                            per_element_decay=per_element_decay)
     keys, frozen, lr, wd, opts = _per_element(plan, shape)
     n_regions = len(set(keys))
-    # the decay layout: several regions, all trained, differing in weight_decay only
-    decay = per_element_decay and n_regions > 1 and not frozen.any() and all(
+    # the decay layout: several regions, all trained, differing in weight_decay only; with
+    # one weight_decay for all of them, no split at all ("whole")
+    decays_only = per_element_decay and n_regions > 1 and not frozen.any() and all(
         set(o) <= {"weight_decay"} for o in opts)
+    one_decay = decays_only and len({o.get("weight_decay") for o in opts}) == 1
+    decay = decays_only and not one_decay
     layout = paramsplit.describe(model).splitlines()[1].split()[-1]
     assert (layout == "decay") == decay, layout
 
@@ -139,7 +142,7 @@ def test_random_splits_are_exact(case, dtype):
 
     # the parts: one per trained region (none when the plan has one region), nothing FROZEN
     regions = {k for k, f in zip(keys, frozen.tolist()) if not f}
-    whole = n_regions == 1 or decay  # no parts
+    whole = n_regions == 1 or decays_only  # no parts
     assert len(parts) == (0 if whole else len(regions))
     assert sum(p.numel() for p in parts) == (0 if whole else int((~frozen).sum()))
     if decay:  # the weight alone in its group, which does not decay it itself

@@ -87,16 +87,10 @@ def test_sam_with_a_closure_perturbs_the_model_and_steps_from_there(layout):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
-class _FailsOnce(torch.optim.AdamW):
-    """AdamW whose third step raises before updating anything (as an out-of-memory would)."""
-
-    calls = 0
-
-    def step(self, closure=None):
-        type(self).calls += 1
-        if type(self).calls == 3:
-            raise RuntimeError("out of memory (simulated)")
-        return super().step(closure)
+def _bomb():
+    """A tensor for a group of its own, first: a sparse gradient on it makes AdamW raise inside
+    its step, before it updates anything (as an out-of-memory would)."""
+    return torch.zeros(1, requires_grad=True)
 
 
 @pytest.mark.parametrize("recovery", ["zero_grad", "retry"])
@@ -105,37 +99,60 @@ def test_a_step_that_raised_is_abandoned_at_the_next(layout, recovery):
     """A step that raises inside the optimizer never reaches the hand-back. The next step
     abandons it: the weight gets its gradient back unless it was cleared since, and is stepped
     by its regions again (it was stepped whole, FROZEN elements included). Recovered by
-    skipping the batch (``zero_grad``) or by stepping again."""
+    skipping the batch (``zero_grad``) or by stepping again. The decay layout's hand-over
+    decays the weight, as AdamW's step does first: the failed step keeps that decay, and a
+    retry does not decay again."""
     model, groups, ref, frozen = _pair(layout)
-
-    class Split(_FailsOnce):
-        pass
-
-    class Ref(_FailsOnce):
-        pass
-
-    opt, ref_opt = Split(groups, lr=1e-2, weight_decay=0.05), Ref(ref.parameters(), lr=1e-2,
-                                                                   weight_decay=0.05)
-    for _ in range(5):
+    bomb, ref_bomb = _bomb(), _bomb()
+    opt = torch.optim.AdamW([{"params": [bomb]}, *groups], lr=1e-2, weight_decay=0.05)
+    ref_opt = torch.optim.AdamW([{"params": [ref_bomb]}, {"params": list(ref.parameters())}],
+                                lr=1e-2, weight_decay=0.05)
+    raised = 0
+    for i in range(5):
         x = torch.randn(8, 12)
         kept = ref[0].weight.detach()[frozen].clone()
-        for m, o in ((model, opt), (ref, ref_opt)):
+        for m, o, b in ((model, opt, bomb), (ref, ref_opt, ref_bomb)):
             o.zero_grad()
             _loss(m, x).backward()
+            b.grad = torch.zeros(1).to_sparse() if i == 2 else torch.zeros(1)
             try:
                 o.step()
-            except RuntimeError:
+            except RuntimeError as e:
+                assert "sparse" in str(e)
+                raised += 1
                 if o is ref_opt and layout.startswith("decay"):
-                    # the decay layout's hand-over decays the weight, as AdamW's step does
-                    # first: the failed step raised after it (the oracle's raised before)
-                    with torch.no_grad():
+                    with torch.no_grad():  # the decay the split's failed step applied
                         ref[0].weight.mul_(1 - 1e-2 * 0.05)
                 if recovery == "retry":
+                    b.grad = torch.zeros(1)
                     o.step()
         with torch.no_grad():
             ref[0].weight[frozen] = kept
-    assert Split.calls == Ref.calls == 5 + (recovery == "retry")
+    assert raised == 2
     _assert_same(model, ref)
+
+
+def test_a_step_that_raised_gives_the_weights_back_to_another_optimizer():
+    """An optimizer whose step raised and that is then dropped (a new one built from
+    ``param_groups``) leaves the weights to the new one: it steps them by their regions."""
+    model = _mlp(seed=4)
+    plan = paramsplit.rows({(0, 2): paramsplit.FROZEN, (2, 3): {"momentum": 0.0},
+                            (3, 4): {"lr": 0.0}})
+    model, groups = paramsplit.split(model, {"0.weight": plan})
+    bomb = _bomb()
+    opt = torch.optim.SGD([{"params": [bomb]}, *groups], lr=0.1, momentum=0.9)
+    _loss(model, torch.randn(8, 12)).backward()
+    bomb.grad = torch.zeros(1).to_sparse()
+    with pytest.raises(RuntimeError):
+        torch.optim.AdamW([{"params": [bomb]}, *groups], lr=0.1).step()
+    del opt
+    before = model[0].weight.detach().clone()
+    new = torch.optim.SGD(paramsplit.param_groups(model), lr=0.1, momentum=0.9)
+    new.zero_grad()
+    _loss(model, torch.randn(8, 12)).backward()
+    new.step()
+    moved = (model[0].weight != before).any(dim=1)[:4].tolist()
+    assert moved == [False, False, True, False]
 
 
 @pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
@@ -184,7 +201,8 @@ def test_a_weight_decay_schedule_on_every_group_steps_a_decay_weight_whole(rows_
     """A schedule that sets every group's ``weight_decay`` (DINO's recipe) also sets it on the
     per-element weight_decay group: the optimizer then decays that weight as a whole, with the
     scheduled value, as it decays the regions' parts (``per_element_decay=False``: the oracle),
-    and paramsplit stops decaying it per element (it did twice), with a warning."""
+    and paramsplit stops decaying it per element (it did twice), with a warning; also once the
+    schedule comes back to 0."""
     g = torch.Generator().manual_seed(2)
     plan = (paramsplit.rows({(0, 4): {"weight_decay": 0.0}, (4, None): {"weight_decay": 0.5}})
             if rows_or_mask == "rows" else
@@ -198,10 +216,10 @@ def test_a_weight_decay_schedule_on_every_group_steps_a_decay_weight_whole(rows_
         opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for it in range(5):
-                if it >= 2:
+            for it in range(6):
+                if it >= 2:  # ... and back to 0 at the end (a schedule's last value)
                     for group in opt.param_groups:
-                        group["weight_decay"] = 0.1 * it
+                        group["weight_decay"] = 0.1 * it if it < 5 else 0.0
                 opt.zero_grad()
                 _loss(model, torch.randn(8, 12, generator=torch.Generator().manual_seed(it))
                       ).backward()
@@ -229,10 +247,16 @@ def test_a_subclass_step_calling_super_step_keeps_the_weights_handed_over(layout
     """torch runs the step hooks around the subclass's ``step`` and again around the
     ``super().step()`` it calls (once both classes have been instantiated): the inner call
     neither hands over again nor back, so what the subclass does to the parts after it reaches
-    the model."""
+    the model. (A subclass with a step of its own may decay as it likes: per-element decay
+    refuses it, naming it.)"""
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # AdamW.step gets its hooks too
     model, groups, ref, frozen = _pair(layout)
     opt = _Clamped(groups, lr=0.05, weight_decay=0.05)
+    if layout.startswith("decay"):
+        _loss(model, torch.randn(8, 12)).backward()
+        with pytest.raises(RuntimeError, match="does not know how _Clamped applies weight decay"):
+            opt.step()
+        return
     ref_opt = _Clamped(ref.parameters(), lr=0.05, weight_decay=0.05)
     for _ in range(6):
         x = torch.randn(8, 12)
@@ -333,3 +357,20 @@ def test_merged_state_goes_to_the_whole_weight_of_an_optimizer_that_steps_it_who
     _assert_same(model, ref)
     back = paramsplit.merged_optimizer_state(whole, model)["0.weight"]
     assert torch.equal(back["exp_avg"], ref_opt.state[ref[0].weight]["exp_avg"])
+
+
+@pytest.mark.parametrize("layout", ["decay-rows", "decay-mask"])
+def test_per_element_decay_refuses_a_fused_step_driven_by_grad_scaler(layout):
+    """GradScaler hands a fused optimizer its scale and inf flag (the kernel unscales and skips
+    inside): paramsplit's decay, applied before, would decay a scaled gradient or a skipped
+    step. It refuses, naming the remedy, and leaves the weight as it was."""
+    model, groups, _, _ = _pair(layout)
+    opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    before = model[0].weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = _loss(model, torch.randn(8, 12))
+    scaler.scale(loss).backward()
+    with pytest.raises(RuntimeError, match=r"GradScaler steps this fused AdamW .*fused=False"):
+        scaler.step(opt)
+    assert torch.equal(model[0].weight, before)
