@@ -28,6 +28,21 @@ def _loss(model, x):
     return model(x).pow(2).mean()
 
 
+def _train_pair(model, opt, ref, ref_opt, frozen, steps, clamp=None):
+    """``steps`` steps of the split model and the unsplit one on the same batches; the oracle's
+    FROZEN elements are put back by hand after each (clamped to ``clamp`` if given, as the
+    optimizer clamps every element)."""
+    for _ in range(steps):
+        x = torch.randn(8, 12)
+        kept = ref[0].weight.detach()[frozen].clone()
+        for m, o in ((model, opt), (ref, ref_opt)):
+            o.zero_grad()
+            _loss(m, x).backward()
+            o.step()
+        with torch.no_grad():
+            ref[0].weight[frozen] = kept if clamp is None else kept.clamp(-clamp, clamp)
+
+
 def _assert_same(model, ref):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), name
@@ -43,15 +58,7 @@ def test_lookahead_steps_the_optimizer_it_wraps_over_the_parts(layout):
     opt = po.Lookahead(torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05), k=2)
     ref_opt = po.Lookahead(torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05), k=2)
     before = model[0].weight.detach().clone()
-    for _ in range(5):
-        x = torch.randn(8, 12)
-        kept = ref[0].weight.detach()[frozen].clone()
-        for m, o in ((model, opt), (ref, ref_opt)):
-            o.zero_grad()
-            _loss(m, x).backward()
-            o.step()
-        with torch.no_grad():
-            ref[0].weight[frozen] = kept
+    _train_pair(model, opt, ref, ref_opt, frozen, 5)
     assert not torch.equal(model[0].weight, before)
     _assert_same(model, ref)
 
@@ -258,15 +265,7 @@ def test_a_subclass_step_calling_super_step_keeps_the_weights_handed_over(layout
             opt.step()
         return
     ref_opt = _Clamped(ref.parameters(), lr=0.05, weight_decay=0.05)
-    for _ in range(6):
-        x = torch.randn(8, 12)
-        kept = ref[0].weight.detach()[frozen].clone()
-        for m, o in ((model, opt), (ref, ref_opt)):
-            o.zero_grad()
-            _loss(m, x).backward()
-            o.step()
-        with torch.no_grad():
-            ref[0].weight[frozen] = kept.clamp(-0.2, 0.2)
+    _train_pair(model, opt, ref, ref_opt, frozen, 6, clamp=0.2)
     assert model[0].weight.abs().max() <= 0.2
     _assert_same(model, ref)
 
@@ -289,15 +288,7 @@ def test_regrouping_by_ndim_treats_parts_as_their_weight(layout):
     assert all(p.dim() == 2 for p in (split.parts if split else []))
     opt = torch.optim.AdamW(_nanogpt_groups(params), lr=1e-2)
     ref_opt = torch.optim.AdamW(_nanogpt_groups(ref.parameters()), lr=1e-2)
-    for _ in range(4):
-        x = torch.randn(8, 12)
-        kept = ref[0].weight.detach()[frozen].clone()
-        for m, o in ((model, opt), (ref, ref_opt)):
-            o.zero_grad()
-            _loss(m, x).backward()
-            o.step()
-        with torch.no_grad():
-            ref[0].weight[frozen] = kept
+    _train_pair(model, opt, ref, ref_opt, frozen, 4)
     # (decay layouts: regrouped out of the per-element weight_decay group, the weight is decayed
     # whole with its new group's weight_decay, like the unsplit one, and paramsplit warns)
     _assert_same(model, ref)
