@@ -40,18 +40,22 @@ def _form(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str | None
     """How ``optimizer`` decays the parameters of ``group``: ``pre``, ``coupled``, ``post``, or
     ``None`` when paramsplit does not know. A subclass that keeps its base's ``step`` decays as
     that base does; one with a ``step`` of its own is not known."""
-    cls = _stepping_class(optimizer)
-    return None if cls is None else _form_of(cls, group)
-
-
-def _stepping_class(optimizer: Any) -> type | None:
-    """The class of ``optimizer``'s MRO whose ``step`` it runs (torch's hook wrapper unwrapped),
-    or None if that step is not a class's own."""
-    step = _unwrapped(type(optimizer).step)
-    for cls in type(optimizer).__mro__:
-        if "step" in vars(cls) and _unwrapped(vars(cls)["step"]) is step:
-            return cls
+    for cls in _stepping_classes(optimizer):
+        form = _form_of(cls, group)
+        if form is not None:
+            return form
     return None
+
+
+def _stepping_classes(optimizer: Any) -> list[type]:
+    """``optimizer``'s class and its bases up to the one that defines the ``step`` it runs
+    (torch's hook wrapper unwrapped; torch may copy a base's step onto a subclass): the classes
+    whose math that step is. Empty if no class defines it."""
+    mro = type(optimizer).__mro__
+    step = _unwrapped(type(optimizer).step)
+    defining = [i for i, cls in enumerate(mro)
+                if "step" in vars(cls) and _unwrapped(vars(cls)["step"]) is step]
+    return list(mro[: defining[-1] + 1]) if defining else []
 
 
 def _unwrapped(fn: Any) -> Any:

@@ -22,6 +22,7 @@ pay a check of their groups' identities per step.
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 import weakref
 from typing import Any
@@ -35,7 +36,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
-from ._decay import DECAY_GROUP, _Decay, _form, _lr, _scale, _stepping_class
+from ._decay import DECAY_GROUP, _Decay, _form, _lr, _scale, _stepping_classes
 from ._layout import _Copies, _Layout, _layout
 from ._spec import _Region, _Target
 
@@ -353,6 +354,10 @@ class _Split:
         self._given = [(g, g._version) for g in grads]
         weight.grad = None  # the optimizer steps the parts, not the weight
 
+    def untouched(self) -> bool:
+        """Whether the weight's gradient is as :meth:`before_step` left it (hidden)."""
+        return self.weight.grad is None
+
     def abandon(self) -> None:
         """Undo :meth:`before_step` for a step that did not finish (refused during the hand-over,
         or raised inside the optimizer): the weight gets its gradient back unless it was cleared
@@ -410,6 +415,7 @@ class _Decaying:
         self.split, self.optimizer, self.group, self.form = split, optimizer, group, form
         self._saved: Tensor | None = None
         self._given: Tensor | None = None  # the gradient the step sees (``coupled``)
+        self._seen: tuple[Any, int] = (None, 0)  # weight.grad and its version after before_step
 
     def check(self) -> None:
         """Raise now, before any weight of the step is decayed, if this one cannot be."""
@@ -433,19 +439,26 @@ class _Decaying:
         assert split.decay is not None
         weight = split.weight
         self._saved = None
-        if weight.grad is None:
-            return
-        decays = split.decay.values(self.optimizer.defaults.get("weight_decay", 0.0))
-        if self.form == "pre":
-            lr, by = float(self.group["lr"]), _scale(self.optimizer)
-            split.decay.scale_(weight, [1 - lr * (d / by if by != 1.0 else d) for d in decays])
-        elif self.form == "coupled":
-            self._saved = weight.grad
-            grad = self._given = weight.grad.clone()
-            split.decay.add_scaled_(grad, weight, decays)
-            weight.grad = grad
-        else:
-            self._saved = weight.detach().clone()
+        if weight.grad is not None:
+            decays = split.decay.values(self.optimizer.defaults.get("weight_decay", 0.0))
+            if self.form == "pre":
+                lr, by = float(self.group["lr"]), _scale(self.optimizer)
+                split.decay.scale_(weight,
+                                   [1 - lr * (d / by if by != 1.0 else d) for d in decays])
+            elif self.form == "coupled":
+                self._saved = weight.grad
+                grad = self._given = weight.grad.clone()
+                split.decay.add_scaled_(grad, weight, decays)
+                weight.grad = grad
+            else:
+                self._saved = weight.detach().clone()
+        grad = weight.grad
+        self._seen = (grad, 0 if grad is None else grad._version)
+
+    def untouched(self) -> bool:
+        """Whether the weight's gradient is as :meth:`before_step` left it."""
+        grad = self.split.weight.grad
+        return grad is self._seen[0] and (grad is None or grad._version == self._seen[1])
 
     def abandon(self) -> None:
         """Undo :meth:`before_step` where it can be undone, for a step that did not finish: the
@@ -669,15 +682,17 @@ _ELEMENTWISE: dict[str, set[str] | None] = {
 
 
 def _elementwise(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether the class whose ``step`` ``optimizer`` runs (its own, or a base's it keeps) is one
-    of ``_ELEMENTWISE``, and for bitsandbytes' classes it keeps 32-bit state."""
-    cls = _stepping_class(optimizer)
-    if cls is None or getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
+    """Whether one of the classes whose ``step`` ``optimizer`` runs (its own, or a base's it
+    keeps) is in ``_ELEMENTWISE``, and for bitsandbytes' classes it keeps 32-bit state."""
+    if getattr(getattr(optimizer, "args", None), "optim_bits", 32) != 32:
         return False
-    module = cls.__module__
-    names = _ELEMENTWISE["torch.optim"] if module.startswith("torch.optim") else \
-        _ELEMENTWISE.get(module.split(".")[0], set())
-    return (names is None or cls.__name__ in names) and cls.__name__ not in _PER_TENSOR
+    for cls in _stepping_classes(optimizer):
+        module = cls.__module__
+        names = _ELEMENTWISE["torch.optim"] if module.startswith("torch.optim") else \
+            _ELEMENTWISE.get(module.split(".")[0], set())
+        if names is None or cls.__name__ in names:
+            return cls.__name__ not in _PER_TENSOR
+    return False
 
 
 #: optimizer -> the steppers its step under way has handed over (parts holding the weights'
@@ -698,9 +713,10 @@ def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any], frame: Any
     step still under way holds (a wrapper such as Lookahead stepping the optimizer it wraps)
     are left to it; those of a step that raised are taken back from it first."""
     held: set[int] = set()
-    for other, (others, other_frame) in list(_STEPPING.items()):
+    for other, entry in list(_STEPPING.items()):
         if other is not optimizer:
-            if _alive(others, other_frame):
+            others = entry[0]
+            if _alive(*entry):
                 held.update(id(_split_of(s)) for s in others)
             else:
                 _abandon(other)
@@ -723,12 +739,12 @@ def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any], frame: Any
             for stepper in reversed(done):
                 stepper.abandon()
             raise
-    _STEPPING[optimizer] = (steppers, frame)
+    _STEPPING[optimizer] = (steppers, frame, threading.get_ident())
 
 
 def _hand_back(optimizer: torch.optim.Optimizer) -> None:
     """After a step: what :func:`_hand_over` gave the parts goes back to the weights."""
-    steppers = _STEPPING.pop(optimizer, ([], None))[0]
+    steppers = _STEPPING.pop(optimizer, ([], None, 0))[0]
     if steppers:
         with torch.no_grad():
             _after(steppers)
@@ -737,22 +753,25 @@ def _hand_back(optimizer: torch.optim.Optimizer) -> None:
 def _abandon(optimizer: torch.optim.Optimizer) -> None:
     """A step of ``optimizer`` raised after the hand-over, so its hand-back never ran: give the
     weights their gradients back (unless replaced since) and let the next step start afresh."""
-    for stepper in _STEPPING.pop(optimizer, ([], None))[0]:
+    for stepper in _STEPPING.pop(optimizer, ([], None, 0))[0]:
         stepper.abandon()
 
 
-def _alive(steppers: list[Any], frame: Any) -> bool:
-    """Whether the step that handed ``steppers`` over is still under way: its frame is on the
-    call stack. Under torch.compile (no frame): whether no split weight got a gradient since
-    (the hand-over hides theirs; a new one means a new backward after a step that raised)."""
-    if frame is not None:
-        return _running(frame)
-    return all(s.weight.grad is None for s in steppers if isinstance(s, _Split))
+def _alive(steppers: list[Any], frame: Any, thread: int) -> bool:
+    """Whether the step that handed ``steppers`` over is still under way: its frame is on its
+    thread's call stack. Under torch.compile (no frame): whether no weight's gradient changed
+    since (a new one means a new backward after a step that raised)."""
+    if frame is None:
+        return all(s.untouched() for s in steppers)
+    if thread == threading.get_ident():
+        return _running(frame, sys._getframe(1))
+    top = sys._current_frames().get(thread)
+    return top is not None and _running(frame, top)
 
 
-def _running(frame: Any) -> bool:
-    """Whether ``frame`` is on the current call stack (its step has not returned or raised)."""
-    f = sys._getframe(1)
+def _running(frame: Any, top: Any) -> bool:
+    """Whether ``frame`` is on the call stack that ``top`` is the top of."""
+    f = top
     while f is not None:
         if f is frame:
             return True

@@ -365,3 +365,83 @@ def test_per_element_decay_refuses_a_fused_step_driven_by_grad_scaler(layout):
     with pytest.raises(RuntimeError, match=r"GradScaler steps this fused AdamW .*fused=False"):
         scaler.step(opt)
     assert torch.equal(model[0].weight, before)
+
+
+@pytest.mark.parametrize("layout", ["rows", "cols", "mask", "sparse"])
+def test_optimizers_stepping_in_two_threads_leave_each_other_alone(layout):
+    """Two split models trained at once in two threads: a step under way in one thread is not
+    taken for a step that raised by the other (its hand-over is on the other thread's stack),
+    so each trains exactly as it does alone."""
+    import threading
+
+    def train(model, opt, seed, steps=30):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            _loss(model, torch.randn(8, 12, generator=g)).backward()
+            opt.step()
+
+    runs = {}
+    for threaded in (False, True):
+        pairs = [_pair(layout, seed=s)[:2] for s in (4, 5)]
+        opts = [torch.optim.AdamW(g, lr=1e-2, weight_decay=0.05) for _, g in pairs]
+        jobs = [threading.Thread(target=train, args=(m, o, i))
+                for i, ((m, _), o) in enumerate(zip(pairs, opts))]
+        if threaded:
+            for j in jobs:
+                j.start()
+            for j in jobs:
+                j.join()
+        else:
+            for j in jobs:
+                j.run()
+        runs[threaded] = [m for m, _ in pairs]
+    for a, b in zip(runs[False], runs[True]):
+        _assert_same(a, b)
+
+
+def test_a_compiled_step_that_raised_leaves_decay_weights_to_the_next_optimizer():
+    """Under torch.compile there is no frame to tell a step that raised: the decay layout's
+    weights (whose gradient the hand-over does not hide) are told by their gradient changing
+    since. A new optimizer then decays them per element (they were held for good, and stepped
+    whole with no decay): as parts with those decays are stepped, from the same weights."""
+    torch._dynamo.reset()
+    plan = paramsplit.rows({(0, 4): {"weight_decay": 0.0}, (4, None): {"weight_decay": 0.3}})
+    model, groups = paramsplit.split(_mlp(seed=6), {"0.weight": plan})
+    ref, _ = paramsplit.split(_mlp(seed=6), {"0.weight": plan}, per_element_decay=False)
+    bomb = _bomb()
+    failing = torch.optim.AdamW([{"params": [bomb]}, *groups], lr=1e-2)
+    _loss(model, torch.randn(8, 12)).backward()
+    bomb.grad = torch.zeros(1).to_sparse()
+    with pytest.raises(Exception, match="sparse"):
+        torch.compile(failing.step, backend="eager")()
+    with torch.no_grad():
+        ref.load_state_dict(model.state_dict())
+    opt, ref_opt = (torch.optim.AdamW(paramsplit.param_groups(m), lr=1e-2) for m in (model, ref))
+    _train_pair(model, opt, ref, ref_opt, torch.zeros(9, 12, dtype=torch.bool), 3)
+    _assert_same(model, ref)
+
+
+def test_a_subclass_instantiated_before_its_base_is_known_as_its_base():
+    """torch copies a base's step (wrapped with its hooks) onto a subclass that is instantiated
+    before the base ever was: the subclass still runs the base's step, and per-element decay
+    and the element-wise list know it as the base (in a fresh process, where AdamW was not
+    instantiated yet)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, paramsplit\n"
+            "warnings.simplefilter('error')\n"
+            "class MyAdamW(torch.optim.AdamW):\n    pass\n"
+            "for decay in (True, False):\n"
+            "    model = torch.nn.Linear(6, 4)\n"
+            "    plan = paramsplit.rows({(0, 2): {'weight_decay': 0.0}, (2, None): "
+            "{'weight_decay': 0.5}})\n"
+            "    model, groups = paramsplit.split(model, {'weight': plan}, "
+            "per_element_decay=decay)\n"
+            "    opt = MyAdamW(groups, lr=0.1)\n"
+            "    model(torch.randn(3, 6)).sum().backward()\n"
+            "    opt.step()\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
