@@ -351,8 +351,13 @@ class _Split:
         grads = self._active.grads(grad if plain else grad.to_local(), self.parts, copies)
         for p, g in zip(self.parts, grads):
             p.grad = g
-        self._given = [(g, g._version) for g in grads]
         weight.grad = None  # the optimizer steps the parts, not the weight
+
+    def given(self) -> None:
+        """Note the parts' gradients as the hand-over leaves them (after its copies), so that
+        :meth:`_grad_after` can tell whether the step changed them."""
+        self._given = [] if self._stash is None else [
+            (p.grad, -1 if p.grad is None else p.grad._version) for p in self.parts]
 
     def untouched(self) -> bool:
         """Whether the weight's gradient is as :meth:`before_step` left it (hidden)."""
@@ -388,7 +393,7 @@ class _Split:
         then theirs, or None if they were all set to None."""
         stash, now = self._stash, [p.grad for p in self.parts]
         assert stash is not None
-        if all(n is g and n._version == v for n, (g, v) in zip(now, self._given)):
+        if all(n is g and (n is None or n._version == v) for n, (g, v) in zip(now, self._given)):
             return stash
         if all(n is None for n in now):
             return None
@@ -732,6 +737,8 @@ def _hand_over(optimizer: torch.optim.Optimizer, steppers: list[Any], frame: Any
             for stepper in decaying:
                 stepper.check()
             copies.run()
+            for split in splits:
+                split.given()
             for stepper in decaying:
                 stepper.before_step(copies)
                 done.append(stepper)

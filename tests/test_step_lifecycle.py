@@ -445,3 +445,18 @@ def test_a_subclass_instantiated_before_its_base_is_known_as_its_base():
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("layout", EQUAL_LAYOUTS)
+def test_a_plain_step_gives_the_weight_its_own_gradient_back_untouched(layout):
+    """After a step that did nothing to the parts' gradients, the weight gets back the very
+    gradient it had, not written to (the hand-back checks whether the step changed the parts'
+    gradients, and copies them back only then: a weight-sized copy per step otherwise)."""
+    model, groups, _, _ = _pair(layout)
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    _loss(model, torch.randn(8, 12)).backward()
+    grad = model[0].weight.grad
+    version, before = grad._version, grad.clone()
+    opt.step()
+    assert model[0].weight.grad is grad and torch.equal(grad, before)
+    assert grad._version == version
