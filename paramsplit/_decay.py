@@ -92,7 +92,7 @@ def _scale(optimizer: torch.optim.Optimizer) -> float:
 def _lr(optimizer: torch.optim.Optimizer, group: dict[str, Any], weight: Tensor) -> float:
     """The learning rate ``optimizer`` decayed ``weight`` with in the step that just ran."""
     if any(c.__module__.startswith("transformers") and c.__name__ == "Adafactor"
-           for c in type(optimizer).__mro__):  # relative, scaled steps
+           for c in _stepping_classes(optimizer)):  # relative, scaled steps
         return float(type(optimizer)._get_lr(group, optimizer.state[weight]))
     return float(group["lr"])
 

@@ -419,7 +419,6 @@ class _Decaying:
                 f"per_element_decay=False) to give the regions parts of their own instead.")
         self.split, self.optimizer, self.group, self.form = split, optimizer, group, form
         self._saved: Tensor | None = None
-        self._given: Tensor | None = None  # the gradient the step sees (``coupled``)
         self._seen: tuple[Any, int] = (None, 0)  # weight.grad and its version after before_step
 
     def check(self) -> None:
@@ -452,7 +451,7 @@ class _Decaying:
                                    [1 - lr * (d / by if by != 1.0 else d) for d in decays])
             elif self.form == "coupled":
                 self._saved = weight.grad
-                grad = self._given = weight.grad.clone()
+                grad = weight.grad.clone()
                 split.decay.add_scaled_(grad, weight, decays)
                 weight.grad = grad
             else:
@@ -467,15 +466,16 @@ class _Decaying:
 
     def abandon(self) -> None:
         """Undo :meth:`before_step` where it can be undone, for a step that did not finish: the
-        weight gets its own gradient back while it still holds the decayed one."""
-        saved, given, self._saved, self._given = self._saved, self._given, None, None
-        if self.form == "coupled" and saved is not None and self.split.weight.grad is given:
+        weight gets its own gradient back while it still holds the decayed one (``coupled``:
+        the gradient :meth:`before_step` gave it)."""
+        saved, self._saved = self._saved, None
+        if self.form == "coupled" and saved is not None and \
+                self.split.weight.grad is self._seen[0]:
             self.split.weight.grad = saved
 
     def after_step(self, copies: _Copies) -> None:
         split, saved, self._saved = self.split, self._saved, None
         assert split.decay is not None
-        self._given = None
         if saved is None:
             return
         weight = split.weight
@@ -578,10 +578,10 @@ def _splits_of(optimizer: torch.optim.Optimizer) -> list[Any]:
     steppers: list[Any] = list(splits.values())
     unsplit: list[_Split] = []
     for g in optimizer.param_groups:
+        if g.get("name") == DECAY_GROUP and g.get("weight_decay", 0.0) != 0.0:
+            g[SCHEDULED_KEY] = True  # set from outside (a schedule): whole from now on
         for p in g["params"]:
             s = _SPLITS.get(p)
-            if g.get("name") == DECAY_GROUP and g.get("weight_decay", 0.0) != 0.0:
-                g[SCHEDULED_KEY] = True  # set from outside (a schedule): whole from now on
             if (s is not None and s.decay is not None and g.get("name") == DECAY_GROUP
                     and g.get("weight_decay", 0.0) == 0.0 and not g.get(SCHEDULED_KEY)):
                 if _form(optimizer, g) is not None or _wrapped(optimizer, g) is None:
@@ -701,9 +701,9 @@ def _elementwise(optimizer: torch.optim.Optimizer) -> bool:
 
 
 #: optimizer -> the steppers its step under way has handed over (parts holding the weights'
-#: values and gradients) and the frame of that step (torch's hook-running wrapper of
-#: ``step``; None under torch.compile), until it hands them back
-_STEPPING: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[list[Any], Any]] = \
+#: values and gradients), the frame of that step (torch's hook-running wrapper of ``step``;
+#: None under torch.compile) and its thread, until it hands them back
+_STEPPING: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[list[Any], Any, int]] = \
     weakref.WeakKeyDictionary()
 
 

@@ -28,17 +28,17 @@ def _loss(model, x):
     return model(x).pow(2).mean()
 
 
-def _train_pair(model, opt, ref, ref_opt, frozen, steps, clamp=None):
+def _train_pair(model, opt, ref, ref_opt, frozen, steps, clamp=None, step=None):
     """``steps`` steps of the split model and the unsplit one on the same batches; the oracle's
     FROZEN elements are put back by hand after each (clamped to ``clamp`` if given, as the
-    optimizer clamps every element)."""
+    optimizer clamps every element). ``step``: optimizer -> what steps it (``opt.step``)."""
     for _ in range(steps):
         x = torch.randn(8, 12)
         kept = ref[0].weight.detach()[frozen].clone()
         for m, o in ((model, opt), (ref, ref_opt)):
             o.zero_grad()
             _loss(m, x).backward()
-            o.step()
+            (step(o) if step else o.step)()
         with torch.no_grad():
             ref[0].weight[frozen] = kept if clamp is None else kept.clamp(-clamp, clamp)
 
@@ -170,16 +170,8 @@ def test_a_compiled_optimizer_step_runs_the_hooks_eagerly(layout):
     torch._dynamo.reset()
     opt = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.05)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
-    step, ref_step = (torch.compile(o.step, backend="eager") for o in (opt, ref_opt))
-    for _ in range(3):
-        x = torch.randn(8, 12)
-        kept = ref[0].weight.detach()[frozen].clone()
-        for m, o, s in ((model, opt, step), (ref, ref_opt, ref_step)):
-            o.zero_grad()
-            _loss(m, x).backward()
-            s()
-        with torch.no_grad():
-            ref[0].weight[frozen] = kept
+    compiled = {o: torch.compile(o.step, backend="eager") for o in (opt, ref_opt)}
+    _train_pair(model, opt, ref, ref_opt, frozen, 3, step=compiled.get)
     _assert_same(model, ref)
 
 
